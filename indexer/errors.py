@@ -70,6 +70,15 @@ class BadOrganizationId(Refused):
         super().__init__(f"organization_id is not a decimal integer: {value!r}")
 
 
+class OutOfRange(Refused):
+    """A number present but outside its domain, e.g. a negative mention_id."""
+
+    def __init__(self, field: str, value: int, expected: str) -> None:
+        self.field = field
+        self.value = value
+        super().__init__(f"{field} out of range: {value} (must be {expected})")
+
+
 class TooLarge(Refused):
     """A body over the configured size limit."""
 

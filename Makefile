@@ -1,0 +1,27 @@
+# The two commands of the README's Quick start: `make run` and `make test`.
+# Both create .venv and install the project into it first (again only when pyproject.toml changes).
+VENV ?= .venv
+PYTHON ?= python3
+PYTEST_ARGS ?=
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[test]'
+	touch $@
+
+.PHONY: install run test bench proto
+install: $(VENV)/.installed
+
+run: $(VENV)/.installed
+	$(VENV)/bin/mention-indexer run
+
+test: $(VENV)/.installed
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+bench: $(VENV)/.installed
+	$(VENV)/bin/python bench/bench_store.py
+	$(VENV)/bin/python bench/bench_pipeline.py
+
+proto: $(VENV)/.installed
+	$(VENV)/bin/python scripts/gen_proto.py

@@ -1,0 +1,177 @@
+"""The ``mention-indexer`` command line.  Nothing imports this module.
+
+Exit status (SPEC §8): 0 success; 2 bad usage or configuration; 1 a failure at run time, with a
+message naming the service and its URL (password masked).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+
+from .config import Settings, load_settings
+from .errors import ConfigError, IndexerError, mask_url
+from .logs import configure_logging
+
+# flag → Settings field; each flag overrides the variable of the same meaning.
+_CONNECTION_FLAGS = {
+    "--database-url": ("database_url", "DATABASE_URL"),
+    "--redis-url": ("redis_url", "REDIS_URL"),
+    "--amqp-url": ("amqp_url", "AMQP_URL"),
+    "--schema": ("schema_name", "INDEXER_SCHEMA"),
+    "--exchange": ("exchange", "INDEXER_EXCHANGE"),
+    "--queue": ("queue", "INDEXER_QUEUE"),
+    "--cache-prefix": ("cache_prefix", "INDEXER_CACHE_PREFIX"),
+}
+_RUN_FLAGS = {
+    "--http-port": ("http_port", "INDEXER_HTTP_PORT"),
+    "--queue-type": ("queue_type", "INDEXER_QUEUE_TYPE"),
+    "--bindings": ("bindings", "INDEXER_BINDINGS"),
+    "--batch-size": ("batch_size", "INDEXER_BATCH_SIZE"),
+    "--batch-wait-ms": ("batch_wait_ms", "INDEXER_BATCH_WAIT_MS"),
+    "--prefetch": ("prefetch", "INDEXER_PREFETCH"),
+    "--max-message-bytes": ("max_message_bytes", "INDEXER_MAX_MESSAGE_BYTES"),
+    "--log-format": ("log_format", "INDEXER_LOG_FORMAT"),
+    "--log-level": ("log_level", "INDEXER_LOG_LEVEL"),
+}
+
+
+def _add_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[str, str]]) -> None:
+    for flag, (dest, variable) in flags.items():
+        parser.add_argument(flag, dest=f"setting_{dest}", metavar=variable, help=f"overrides ${variable}")
+
+
+def _settings_from(args: argparse.Namespace) -> Settings:
+    overrides = {name.removeprefix("setting_"): value for name, value in vars(args).items() if name.startswith("setting_")}
+    if getattr(args, "source_database_url", None):
+        overrides["source_database_url"] = args.source_database_url
+    return load_settings(**overrides)
+
+
+def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
+    from .service import run
+
+    run(settings)
+    return 0
+
+
+def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
+    from .migrate import migrate
+
+    applied = migrate(settings.database_url, settings.schema_name)
+    where = f"schema {settings.schema_name} at {mask_url(settings.database_url)}"
+    print(f"applied {', '.join(applied)} to {where}" if applied else f"{where} is up to date")
+    return 0
+
+
+def _cmd_refresh_cache(settings: Settings, args: argparse.Namespace) -> int:
+    from .publish import refresh_cache
+
+    print(refresh_cache(settings, args.org))
+    return 0
+
+
+def _cmd_emit(settings: Settings, args: argparse.Namespace) -> int:
+    from .publish import emit
+
+    print(emit(settings, args.kind, args.mention_id, args.org, args.mention_date, args.transaction_timestamp))
+    return 0
+
+
+def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
+    from .backfill import main as backfill_main
+
+    return backfill_main(settings, args)
+
+
+def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
+    from . import dlq
+
+    return dlq.main(settings, args)
+
+
+def _org_id(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or int(value) >= 2**63:
+        raise argparse.ArgumentTypeError(f"must be a decimal organization id, got {value!r}")
+    return int(value)
+
+
+def _positive_int(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number of at least 1, got {value!r}")
+    return int(value)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mention-indexer",
+        description="Apply mention change events to a Postgres read model and invalidate per-organization Redis caches.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def command(name: str, handler: Callable[[Settings, argparse.Namespace], int], help: str,
+                flags: Sequence[dict[str, tuple[str, str]]] = (_CONNECTION_FLAGS,)) -> argparse.ArgumentParser:
+        sub = commands.add_parser(name, help=help, description=help)
+        for group in flags:
+            _add_flags(sub, group)
+        sub.set_defaults(handler=handler)
+        return sub
+
+    command("run", _cmd_run, "the sidecar: migrate, consume, apply, invalidate, ack; health and metrics over HTTP",
+            (_CONNECTION_FLAGS, _RUN_FLAGS))
+    command("migrate", _cmd_migrate, "create or upgrade the read model")
+
+    backfill = command("backfill", _cmd_backfill, "load the read model from the mentions table")
+    backfill.add_argument("--source-database-url", metavar="SOURCE_DATABASE_URL", help="overrides $SOURCE_DATABASE_URL")
+    backfill.add_argument("--source-query", metavar="SQL",
+                          help="query returning mention_id, organization_id, mention_date [, transaction_timestamp, deleted]")
+    backfill.add_argument("--org", type=_org_id, action="append", default=[], metavar="ID", help="limit to this organization (repeatable)")
+    backfill.add_argument("--batch-size", type=_positive_int, default=10_000, metavar="N", help="rows per chunk (default 10000)")
+    backfill.add_argument("--prune", action="store_true", help="tombstone read-model rows the source no longer has, within the scope")
+    backfill.add_argument("--resume", action="store_true", help="continue an interrupted run from its last committed chunk")
+    backfill.add_argument("--dry-run", action="store_true", help="report what would change, change nothing")
+
+    refresh = command("refresh-cache", _cmd_refresh_cache, "publish a TriggerCacheRefresh (all organizations without --org)")
+    refresh.add_argument("--org", type=_org_id, metavar="ID", help="the organization to flush")
+
+    emit = command("emit", _cmd_emit, "publish one mention change")
+    emit.add_argument("kind", choices=["inserted", "updated", "deleted"])
+    emit.add_argument("--mention-id", type=_positive_int, required=True, metavar="N")
+    emit.add_argument("--org", type=_org_id, required=True, metavar="ID")
+    emit.add_argument("--mention-date", metavar="T", help="RFC1123, RFC1123Z or RFC3339")
+    emit.add_argument("--transaction-timestamp", metavar="T", help="RFC1123, RFC1123Z or RFC3339 (default: now)")
+
+    dlq = command("dlq", _cmd_dlq, "inspect dead letters; republish them after a fix")
+    dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
+    dlq_list = dlq_commands.add_parser("list", help="count and describe the dead letters (leaves them in place)")
+    dlq_list.add_argument("--limit", type=_positive_int, default=100, metavar="N")
+    dlq_replay = dlq_commands.add_parser("replay", help="republish dead letters to the exchange with their original routing key")
+    dlq_replay.add_argument("--limit", type=_positive_int, metavar="N")
+    dlq_purge = dlq_commands.add_parser("purge", help="delete every dead letter")
+    dlq_purge.add_argument("--yes", action="store_true", help="confirm")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        settings = _settings_from(args)
+    except ConfigError as exc:
+        parser.exit(2, f"mention-indexer: configuration error: {exc}\n")
+    configure_logging(settings.log_format, settings.log_level)
+    handler: Callable[[Settings, argparse.Namespace], int] = args.handler
+    try:
+        return handler(settings, args)
+    except ConfigError as exc:
+        print(f"mention-indexer {args.command}: {exc}", file=sys.stderr)
+        return 2
+    except IndexerError as exc:
+        print(f"mention-indexer {args.command}: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+

@@ -1,0 +1,83 @@
+"""``mention-indexer dlq list|replay|purge``: what an operator needs to see and fix dead letters."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from datetime import datetime, timezone
+
+from . import wire
+from .broker import DeadLetter, DeadLetterQueue
+from .changes import CacheRefresh, Change
+from .config import Settings
+from .errors import ConfigError, Refused
+
+
+def summarize(letter: DeadLetter) -> str:
+    """A short decoded view of a dead letter, or why it cannot be decoded."""
+    try:
+        item = wire.decode(letter.body, letter.content_type, max_bytes=len(letter.body) + 1)
+    except Refused as refusal:
+        return f"undecodable ({refusal.reason}), {len(letter.body)} bytes"
+    if isinstance(item, Change):
+        org = item.organization_id if item.organization_id is not None else "-"
+        return f"{item.kind.event_name} mention {item.mention_id} org {org} at {item.transaction_timestamp.isoformat()}"
+    if isinstance(item, CacheRefresh):
+        return f"TriggerCacheRefresh org {item.organization_id if item.organization_id is not None else 'all'}"
+    return f"ignored type {item.type_name}"
+
+
+def _age(letter: DeadLetter, now: datetime) -> str:
+    stamp = letter.headers.get("x-dead-lettered-at")
+    when: datetime | None = None
+    if isinstance(stamp, str):
+        try:
+            when = datetime.fromisoformat(stamp)
+        except ValueError:
+            when = None
+    when = when or letter.timestamp
+    if when is None:
+        return "?"
+    seconds = max(0, int((now - when).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+async def _list(settings: Settings, limit: int) -> None:
+    async with DeadLetterQueue(settings) as dlq:
+        total = await dlq.count()
+        letters = await dlq.peek(limit)
+    print(f"{total} dead letter(s) in {settings.dlq}")
+    now = datetime.now(timezone.utc)
+    for number, letter in enumerate(letters, start=1):
+        print(f"{number:>4}. age {_age(letter, now):>5}  key {letter.routing_key or '-'}  reason: {letter.reason}")
+        print(f"      {summarize(letter)}")
+    if total > len(letters):
+        print(f"      … {total - len(letters)} more (--limit)")
+
+
+async def _replay(settings: Settings, limit: int | None) -> None:
+    async with DeadLetterQueue(settings) as dlq:
+        replayed = await dlq.replay(limit)
+        left = await dlq.count()
+    print(f"replayed {replayed} dead letter(s) to exchange {settings.exchange}; {left} left in {settings.dlq}")
+
+
+async def _purge(settings: Settings) -> None:
+    async with DeadLetterQueue(settings) as dlq:
+        purged = await dlq.purge()
+    print(f"purged {purged} dead letter(s) from {settings.dlq}")
+
+
+def main(settings: Settings, args: argparse.Namespace) -> int:
+    if args.dlq_command == "list":
+        asyncio.run(_list(settings, args.limit))
+    elif args.dlq_command == "replay":
+        asyncio.run(_replay(settings, args.limit))
+    elif args.dlq_command == "purge":
+        if not args.yes:
+            raise ConfigError("dlq purge deletes every dead letter for good: add --yes to confirm")
+        asyncio.run(_purge(settings))
+    return 0

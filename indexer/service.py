@@ -1,0 +1,189 @@
+"""``mention-indexer run``: supervise the broker session and drive batches through the pipeline.
+
+Per batch, strictly: dead letters confirmed → commit → invalidate → ack (SPEC §7, §9).  A lost
+broker connection abandons the batch in hand (its deliveries come back) and opens a new session;
+Postgres or Redis trouble is retried with backoff while the batch waits unacknowledged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+import psycopg
+
+from . import migrate as migrations
+from .broker import Session
+from .cache import CacheInvalidator
+from .config import Settings
+from .errors import Transient, Unavailable
+from .health import Health
+from .http import HttpServer
+from .metrics import Metrics
+from .pipeline import BatchOutcome, Pipeline
+from .retry import retry_transient
+from .store import Store
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+PROBE_INTERVAL_S = 5.0
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.health = Health()
+        self.metrics = Metrics()
+        self._stop = asyncio.Event()
+        self._session: Session | None = None
+        self.http_port: int | None = None
+        self._busy = False  # a batch is between its first delivery and its ack
+
+    def request_stop(self) -> None:
+        if not self._stop.is_set():
+            log.info("stop requested: no new batches; finishing the one in hand")
+        self._stop.set()
+        self.health.stopping = True
+
+    async def run(self) -> None:
+        """Until ``request_stop``; a batch in hand gets ``shutdown_timeout_s`` to finish."""
+        http = self._start_http()
+        work = asyncio.create_task(self._work(), name="indexer-work")
+        stop = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+            if not work.done() and self._busy:
+                if self._session is not None:
+                    await self._session.stop_consuming()
+                await asyncio.wait({work}, timeout=self.settings.shutdown_timeout_s)
+                if not work.done():
+                    log.warning("batch not finished after %.1f s; abandoning it (it will be redelivered)",
+                                self.settings.shutdown_timeout_s)
+        finally:
+            stop.cancel()
+            work.cancel()
+            await asyncio.gather(work, return_exceptions=True)
+            if http is not None:
+                http.stop()
+        if not work.cancelled() and work.exception() is not None:
+            raise work.exception()  # type: ignore[misc]
+
+    def _start_http(self) -> HttpServer | None:
+        if self.settings.http_port == 0:
+            return None
+        http = HttpServer(self.settings.http_port, self.health, self.metrics)
+        http.start()
+        self.http_port = http.port
+        return http
+
+    async def _retry(self, operation: Callable[[], Awaitable[T]], service: str) -> T:
+        def failed(what: str, exc: BaseException) -> None:
+            self.health.failing(what, str(exc))
+            self.metrics.retries.labels(what).inc()
+
+        return await retry_transient(
+            operation,
+            what=service,
+            initial_s=self.settings.retry_initial_s,
+            max_s=self.settings.retry_max_s,
+            on_failure=failed,
+            on_success=self.health.ok,
+        )
+
+    async def _work(self) -> None:
+        settings = self.settings
+        await self._retry(lambda: migrations.migrate_async(settings.database_url, settings.schema_name), "postgres")
+        store = Store(settings.database_url, settings.schema_name)
+        cache = CacheInvalidator.from_settings(settings)
+        probe = asyncio.create_task(self._probe(cache), name="indexer-probe")
+        pipeline = Pipeline(store, cache, max_message_bytes=settings.max_message_bytes, retry=self._retry)
+        try:
+            await self._retry(cache.ping, "redis")
+            while not self._stop.is_set():
+                await self._one_session(pipeline)
+        finally:
+            probe.cancel()
+            await asyncio.gather(probe, return_exceptions=True)
+            await store.aclose()
+            await cache.aclose()
+
+    async def _one_session(self, pipeline: Pipeline) -> None:
+        session = Session(self.settings)
+        self._session = session
+        try:
+            await self._retry(session.open, "rabbitmq")
+            self.health.ok("rabbitmq")
+            while not self._stop.is_set():
+                batch = await session.next_batch(self.settings.batch_size, self.settings.batch_wait_ms)
+                if self._stop.is_set():
+                    return  # not started: leave it unacknowledged, the broker redelivers it
+                started = time.monotonic()
+                self._busy = True
+                try:
+                    outcome = await session.guard(pipeline.handle(batch, session))
+                    await session.ack(batch)
+                finally:
+                    self._busy = False
+                self._count(outcome, time.monotonic() - started)
+        except Transient as exc:
+            # The session is gone (or never opened); its deliveries return to the queue.
+            self.health.failing("rabbitmq", str(exc))
+            log.warning("rabbitmq session ended: %s; reconnecting", exc)
+            await self._pause(self.settings.retry_initial_s)
+        finally:
+            self._session = None
+            await session.close()
+
+    async def _pause(self, seconds: float) -> None:
+        try:
+            await asyncio.wait_for(self._stop.wait(), seconds)
+        except asyncio.TimeoutError:
+            pass
+
+    def _count(self, outcome: BatchOutcome, elapsed_s: float) -> None:
+        m = self.metrics.messages
+        m.labels("applied").inc(outcome.applied)
+        m.labels("skipped").inc(outcome.skipped)
+        m.labels("ignored").inc(outcome.ignored)
+        m.labels("dead_lettered").inc(outcome.dead_lettered)
+        m.labels("refresh").inc(outcome.refreshes)
+        self.metrics.batches.inc()
+        self.metrics.batch_seconds.observe(elapsed_s)
+        self.metrics.invalidated_orgs.inc(len(outcome.organizations))
+
+    async def _probe(self, cache: CacheInvalidator) -> None:
+        """Keep /readyz honest while idle: a service may go away between batches."""
+        while True:
+            await asyncio.sleep(PROBE_INTERVAL_S)
+            for service, check in (("postgres", self._probe_postgres), ("redis", cache.ping)):
+                try:
+                    await asyncio.wait_for(check(), PROBE_INTERVAL_S)
+                    self.health.ok(service)
+                except (Transient, asyncio.TimeoutError, OSError) as exc:
+                    self.health.failing(service, str(exc) or type(exc).__name__)
+
+    async def _probe_postgres(self) -> None:
+        # A connection of its own: the store's connection belongs to the batch in hand.
+        try:
+            conn = await psycopg.AsyncConnection.connect(self.settings.database_url, connect_timeout=3, autocommit=True)
+        except psycopg.Error as exc:
+            raise Unavailable("postgres", self.settings.database_url, type(exc).__name__) from None
+        async with conn:
+            await conn.execute("SELECT 1")
+
+
+def run(settings: Settings) -> None:
+    """Run the service until SIGTERM or SIGINT; return normally (exit 0) after a clean stop."""
+
+    async def main() -> None:
+        service = Service(settings)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, service.request_stop)
+        await service.run()
+
+    asyncio.run(main())
