@@ -30,6 +30,7 @@ def configure_logging(log_format: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
-    # aio-pika/aiormq log every reconnect attempt at length; our own lines say what matters.
-    for noisy in ("aio_pika", "aiormq"):
-        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))
+    # aiormq logs every failed connect at ERROR with a traceback; our own line (service retry,
+    # or the command's exit message) already says which service and URL, with the password masked.
+    logging.getLogger("aiormq").setLevel(logging.CRITICAL)
+    logging.getLogger("aio_pika").setLevel(max(logging.WARNING, root.level))
