@@ -3,7 +3,7 @@
 Key layout, for prefix ``P`` and organization ``O`` (decimal):
 
 =====================  ===================================================================
-``P:{O}:<key>``        a cached value; written only through ``get_or_fill``
+``P:{O}:<key>``        a cached value; written through ``get_or_fill``, or directly by others
 ``P:idx:{O}``          set of the full names of O's cached keys: what invalidation deletes
 ``P:epoch:{O}``        O's epoch: moved on by every invalidation; a fill stores only if it
                        is unchanged since before the value was loaded
@@ -15,6 +15,12 @@ each Lua script touches one slot; the registry is in a slot of its own and writt
 calls.  Invalidation deletes the members of one index: O(that organization's keys), never a
 SCAN or KEYS of the keyspace, and never a key outside ``P:{O}:``.
 
+Keys written into ``P:{O}:`` without this helper (a plain SET by another service) are indexed too,
+by the invalidator's key tracker (``cache_tracker``: keyspace notifications, plus one SCAN of
+``P:{*`` when it starts or reconnects, never per event), and each invalidation first waits until
+every key created before it is indexed.  Where the server does not allow that
+(``INDEXER_TRACK_DIRECT_KEYS``), only keys written through the helper are deleted.
+
 Why a read can never return data older than an acknowledged commit C (the indexer runs: commit C,
 then ``invalidate``, then ack):
 
@@ -25,6 +31,8 @@ then ``invalidate``, then ack):
 * A value served after the invalidation was therefore stored after it (anything stored before
   was deleted), by a fill whose epoch is the post-invalidation one, so its loading started after
   the invalidation, hence after C.  A value returned on a miss was loaded after the read began.
+  (A key written directly is served once the tracker has indexed it: it too was written after
+  the invalidation, but its freshness is its writer's affair, not guarded by the epoch.)
 
 Eviction: epochs start at a random value, so an evicted and re-created epoch never matches one an
 in-flight fill holds; a value whose index was evicted is not served.  Only ``invalidate_all`` relies
@@ -45,7 +53,7 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib.resources import files
-from typing import TYPE_CHECKING, Any, Self
+from typing import TYPE_CHECKING, Any, Literal, Self
 
 import redis
 import redis.asyncio
@@ -57,6 +65,7 @@ import redis.retry
 from .errors import Unavailable
 
 if TYPE_CHECKING:
+    from .cache_tracker import KeyTracker
     from .config import Settings
 
 log = logging.getLogger(__name__)
@@ -85,6 +94,10 @@ def _lua(name: str) -> str:
 READ_LUA = _lua("read")
 FILL_LUA = _lua("fill")
 INVALIDATE_LUA = _lua("invalidate")
+TRACK_LUA = _lua("track")
+
+# INDEXER_TRACK_DIRECT_KEYS: index keys written without the helper (cache_tracker module doc).
+TrackMode = Literal["auto", "on", "off"]
 
 
 # ---- key layout ---------------------------------------------------------------------------------
@@ -327,9 +340,15 @@ class CacheInvalidator:
 
     Every Redis failure that may pass is raised as ``Unavailable``; nothing is retried here.
     Constructed from a URL it owns its client (``aclose`` closes it).
+
+    The key tracker (``track_direct_keys``, see ``cache_tracker``) starts at the first call of
+    ``ping``, ``invalidate`` or ``invalidate_all``; with ``on`` they raise ``ConfigError`` if the
+    server does not allow it.
     """
 
-    def __init__(self, client: redis.asyncio.Redis | str, prefix: str) -> None:
+    def __init__(
+        self, client: redis.asyncio.Redis | str, prefix: str, *, track_direct_keys: TrackMode = "auto"
+    ) -> None:
         self._prefix = check_prefix(prefix)
         if isinstance(client, str):
             self.url = client
@@ -342,14 +361,18 @@ class CacheInvalidator:
             self._owned = False
             self._client = client
         self._invalidate = self._client.register_script(INVALIDATE_LUA)
+        from .cache_tracker import KeyTracker  # here: cache_tracker imports this module
+
+        self.tracker: KeyTracker = KeyTracker(self._client, self._prefix, self.url, track_direct_keys)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Self:
-        return cls(settings.redis_url, settings.cache_prefix)
+        return cls(settings.redis_url, settings.cache_prefix, track_direct_keys=settings.track_direct_keys)
 
     async def ping(self) -> None:
         with _unavailable(self.url):
             await self._client.ping()
+        await self.tracker.barrier()
 
     async def invalidate(self, orgs: Iterable[int]) -> int:
         """Delete every cached key of each organization (each once); the number of keys deleted.
@@ -357,6 +380,10 @@ class CacheInvalidator:
         All ids are validated before anything is deleted.  Idempotent, so a failed call is simply
         made again."""
         unique = sorted({check_org(org) for org in orgs})
+        await self.tracker.barrier()
+        return await self._delete(unique)
+
+    async def _delete(self, unique: list[int]) -> int:
         deleted = 0
         for start in range(0, len(unique), _ORGS_PER_PIPELINE):
             chunk = unique[start : start + _ORGS_PER_PIPELINE]
@@ -379,15 +406,17 @@ class CacheInvalidator:
         and is about to fill (the fill would then be invisible to the next invalidate_all).  It
         holds one small integer per organization ever cached, and an invalidation of an org without
         keys costs O(1)."""
+        await self.tracker.barrier()  # also registers the orgs of keys written directly
         orgs: set[int] = set()
         with _unavailable(self.url):
             async for member in self._client.sscan_iter(registry_key(self._prefix), count=1000):
                 org = _registered_org(member)
                 if org is not None:
                     orgs.add(org)
-        return await self.invalidate(orgs)
+        return await self._delete(sorted(orgs))
 
     async def aclose(self) -> None:
+        await self.tracker.aclose()
         if self._owned:
             await self._client.aclose()
 

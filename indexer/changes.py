@@ -10,8 +10,10 @@ A change's version is ``(transaction_timestamp, kind, organization_id, mention_d
   ranks lowest).  This tie-break is arbitrary but deterministic and computable by Postgres from the
   stored row alone, so every replica and every delivery order converge on the same row.
 
-Postgres evaluates the same tuple in ``store`` (``ROW(...) > ROW(...)``); ``version_key`` is the
-Python twin used to coalesce a batch and by tests as the oracle.
+``version_key`` is the order as a Python tuple (coalescing, tests' oracles); ``version_bytes`` is
+the same order as a byte string that Postgres compares with memcmp, so the store keeps a change's
+version in one ``bytea`` column and compares it with ``>`` (and ``greatest``).  The migration
+defines the SQL twin ``<schema>.version_bytes(...)`` for versions computed in Postgres (backfill).
 """
 
 from __future__ import annotations
@@ -19,10 +21,12 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 # Sorts below every real date; used where a change carries no mention_date.
 _NO_DATE = datetime.min.replace(tzinfo=timezone.utc)
+_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_ONE_US = timedelta(microseconds=1)
 
 
 class Kind(enum.IntEnum):
@@ -88,6 +92,38 @@ def version_key(change: Change) -> VersionKey:
     )
 
 
+def version_bytes(change: Change) -> bytes:
+    """``version_key`` as 26 bytes whose bytewise (memcmp) order is the ``version_key`` order.
+
+    Each component is a fixed-width big-endian integer with its sign bit flipped (so negatives
+    sort first): the transaction timestamp in µs since the Unix epoch (8 bytes), the kind rank
+    (2), the organization (8; -1 when absent, as in ``version_key``) and the mention date in µs
+    (8; ``datetime.min`` when absent).  Fixed widths make the byte order the tuple order; equal
+    keys give equal bytes.  Raises ``ValueError`` for an organization outside int64.
+    """
+    timestamp, kind, organization, date = version_key(change)
+    return b"".join(
+        (
+            _sortable(_microseconds(timestamp), 8),
+            _sortable(kind, 2),
+            _sortable(organization, 8),
+            _sortable(_microseconds(date), 8),
+        )
+    )
+
+
+def _microseconds(instant: datetime) -> int:
+    return (instant - _EPOCH) // _ONE_US
+
+
+def _sortable(value: int, width_bytes: int) -> bytes:
+    """Two's complement with the sign bit flipped, big-endian: unsigned order == signed order."""
+    bias = 1 << (8 * width_bytes - 1)
+    if not -bias <= value < bias:
+        raise ValueError(f"{value} does not fit in a signed {8 * width_bytes}-bit integer")
+    return (value + bias).to_bytes(width_bytes, "big")
+
+
 def supersedes(new: Change, old: Change) -> bool:
     """True when ``new`` must replace ``old``; equal versions are duplicates and never replace."""
     return version_key(new) > version_key(old)
@@ -95,6 +131,9 @@ def supersedes(new: Change, old: Change) -> bool:
 
 def coalesce(changes: Iterable[Change]) -> list[Change]:
     """Keep, per mention, only the change with the highest version; result ordered by mention_id.
+
+    Lossy where the kept change leaves out a field a dropped one carried; ``Store.apply`` takes
+    the uncoalesced batch and folds it per field itself (``registers.fold``).
 
     Ordering by mention_id makes concurrent indexers lock rows in the same order, so two batches
     touching the same mentions cannot deadlock each other.

@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import argparse
 import logging
+import re
 import sys
 from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
 
 from .config import Settings, load_settings
 from .errors import ConfigError, IndexerError, mask_url
 from .logs import configure_logging
+
+log = logging.getLogger("indexer.cli")
+_INT64_MAX = 2**63 - 1
+_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
 
 # flag → Settings field; each flag overrides the variable of the same meaning.
 _CONNECTION_FLAGS = {
@@ -47,7 +53,27 @@ def _settings_from(args: argparse.Namespace) -> Settings:
     overrides = {name.removeprefix("setting_"): value for name, value in vars(args).items() if name.startswith("setting_")}
     if getattr(args, "source_database_url", None):
         overrides["source_database_url"] = args.source_database_url
-    return load_settings(**overrides)
+    settings = load_settings(**overrides)
+    _check_urls(settings)
+    return settings
+
+
+def _check_urls(settings: Settings) -> None:
+    """A URL whose host or port cannot be parsed is a configuration error (exit 2), not a crash later."""
+    for variable, url in (
+        ("DATABASE_URL", settings.database_url),
+        ("SOURCE_DATABASE_URL", settings.source_database_url),
+        ("REDIS_URL", settings.redis_url),
+        ("AMQP_URL", settings.amqp_url),
+    ):
+        if url is None:
+            continue
+        try:
+            parts = urlsplit(url)
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+        except ValueError:
+            # Never echo the URL: it may hold a password.
+            raise ConfigError(f"{variable}: not a valid URL (check the host and port)") from None
 
 
 def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
@@ -93,8 +119,15 @@ def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _org_id(value: str) -> int:
-    if not value.isascii() or not value.isdigit() or int(value) >= 2**63:
-        raise argparse.ArgumentTypeError(f"must be a decimal organization id, got {value!r}")
+    # Organization ids are positive: 0 is "no organization" on the wire and consumers refuse it.
+    if not value.isascii() or not value.isdigit() or not 0 < int(value) <= _INT64_MAX:
+        raise argparse.ArgumentTypeError(f"must be a decimal organization id from 1 to 2^63-1, got {value!r}")
+    return int(value)
+
+
+def _mention_id(value: str) -> int:
+    if not value.isascii() or not value.isdigit() or not 0 < int(value) <= _INT64_MAX:
+        raise argparse.ArgumentTypeError(f"must be a decimal mention id from 1 to 2^63-1, got {value!r}")
     return int(value)
 
 
@@ -138,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     emit = command("emit", _cmd_emit, "publish one mention change")
     emit.add_argument("kind", choices=["inserted", "updated", "deleted"])
-    emit.add_argument("--mention-id", type=_positive_int, required=True, metavar="N")
+    emit.add_argument("--mention-id", type=_mention_id, required=True, metavar="N")
     emit.add_argument("--org", type=_org_id, required=True, metavar="ID")
     emit.add_argument("--mention-date", metavar="T", help="RFC1123, RFC1123Z or RFC3339")
     emit.add_argument("--transaction-timestamp", metavar="T", help="RFC1123, RFC1123Z or RFC3339 (default: now)")
@@ -173,5 +206,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a runtime failure nobody anticipated: one line, exit 1, no traceback
+        log.debug("unexpected failure", exc_info=True)
+        detail = _URL_IN_TEXT.sub(lambda match: mask_url(match.group(0)), str(exc))
+        print(
+            f"mention-indexer {args.command}: unexpected {type(exc).__name__}: {detail}"
+            " (INDEXER_LOG_LEVEL=DEBUG shows the traceback)",
+            file=sys.stderr,
+        )
+        return 1
 
 

@@ -52,6 +52,7 @@ class Settings(BaseSettings):
     retry_max_s: float = Field(10.0, gt=0, le=600, validation_alias="INDEXER_RETRY_MAX_S")
     shutdown_timeout_s: float = Field(8.0, gt=0, le=60, validation_alias="INDEXER_SHUTDOWN_TIMEOUT_S")
     cache_ttl_s: int = Field(3600, ge=0, validation_alias="INDEXER_CACHE_TTL_S")
+    track_direct_keys: Literal["auto", "on", "off"] = Field("auto", validation_alias="INDEXER_TRACK_DIRECT_KEYS")
     log_format: Literal["text", "json"] = Field("text", validation_alias="INDEXER_LOG_FORMAT")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias="INDEXER_LOG_LEVEL")
 

@@ -1,9 +1,15 @@
-"""Producer commands: ``refresh-cache`` and ``emit``.  Publish with confirms; succeed only if routed."""
+"""Producer commands: ``refresh-cache`` and ``emit``.  Publish with confirms; succeed only if routed.
+
+Nothing is published that the indexer would dead-letter: ``wire`` refuses such input with
+``ValueError``, which becomes a ``ConfigError`` (exit 2) here, before any connection is opened.
+"""
 
 from __future__ import annotations
 
 import asyncio
 from datetime import datetime, timezone
+
+from google.protobuf.message import Message
 
 from . import broker, wire
 from .changes import Kind
@@ -12,8 +18,11 @@ from .errors import ConfigError
 from .timestamps import format_rfc3339, parse_timestamp
 
 
-def _publish(settings: Settings, message: object, organization_id: str) -> str:
-    event = wire.build_event(message, organization_id=organization_id)
+def _publish(settings: Settings, message: Message, organization_id: str) -> str:
+    try:
+        event = wire.build_event(message, organization_id=organization_id)
+    except ValueError as exc:
+        raise ConfigError(f"--org: {exc}") from None
     routing_key = wire.routing_key_for(message)
     asyncio.run(
         broker.publish(settings.amqp_url, settings.exchange, routing_key, wire.encode(event), content_type=wire.CONTENT_TYPE)
@@ -24,7 +33,10 @@ def _publish(settings: Settings, message: object, organization_id: str) -> str:
 def refresh_cache(settings: Settings, org: int | None) -> str:
     event_id = _publish(settings, wire.refresh_message(), "" if org is None else str(org))
     scope = f"organization {org}" if org is not None else "all organizations"
-    return f"published TriggerCacheRefresh for {scope} to exchange {settings.exchange} (event {event_id})"
+    return (
+        f"published TriggerCacheRefresh for {scope} to exchange {settings.exchange} "
+        f"(routing key {wire.routing_key_for(wire.refresh_message())}, event {event_id})"
+    )
 
 
 def _timestamp(flag: str, value: str | None) -> datetime | None:
@@ -46,7 +58,11 @@ def emit(
 ) -> str:
     kind = Kind[kind_name.upper()]
     version = _timestamp("--transaction-timestamp", transaction_timestamp) or datetime.now(timezone.utc)
-    message = wire.mention_message(kind, mention_id, org, _timestamp("--mention-date", mention_date), version)
+    date = _timestamp("--mention-date", mention_date)
+    try:
+        message = wire.mention_message(kind, mention_id, org, date, version)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
     event_id = _publish(settings, message, str(org))
     return (
         f"published {kind.event_name} mention {mention_id} organization {org} "

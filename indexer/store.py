@@ -1,19 +1,19 @@
 """The Postgres read model: apply a batch of changes under the version guard (SPEC §5, §6).
 
-The guard is evaluated by Postgres on the locked current row (``ON CONFLICT ... DO UPDATE ...
-WHERE incoming_version > stored_version``), never by reading first and deciding in Python, so two
-indexers racing on the same mentions converge on the same row.
+A batch is folded into one write per mention (``registers.fold``) and written by the statement
+shared with the backfill (``merge``): the row follows the highest-version change, and
+``organization_id`` and ``mention_date`` each follow the highest-version change that carried
+them, so a change that leaves a field out (a Delete without organization, a change without
+date) gives the same table in any delivery order.  The guard is evaluated by Postgres on the
+locked current row, never by reading first and deciding in Python, so two indexers racing on the
+same mentions converge on the same row.
 
-Fields a change leaves out are merged from the stored row:
+A Delete that names no organization (0 is protobuf's "not set" and means the same) of a mention
+never seen before leaves a tombstone in organization 0, which is never reported for cache
+invalidation; the first change that carries an organization moves it.
 
-* ``organization_id`` None (a Delete that named none; 0 is protobuf's "not set" and means the
-  same): the stored organization is kept.  With no stored row the tombstone gets organization 0,
-  which is never reported for cache invalidation.
-* ``mention_date`` None: the stored date is kept.
-
-The guard compares the *effective* (merged) values, so it matches ``changes.version_key`` exactly
-for changes that carry every field.  For a change that omits one, the merged value is whatever had
-arrived before it, so the table can depend on delivery order (tests/test_store_merge.py).
+Callers must pass every change, not a ``changes.coalesce``-d batch: coalescing drops a lower
+change that may carry a field the newest one left out.
 """
 
 from __future__ import annotations
@@ -26,39 +26,24 @@ from urllib.parse import unquote, urlsplit
 import psycopg
 from psycopg import sql
 
-from .changes import Change, coalesce, touched_organizations
+from .changes import Change, touched_organizations
 from .errors import Conflict, Refused, Unavailable
+from .merge import merge_statement
+from .registers import fold
 
-# Placeholder organization of a tombstone whose Delete named none (see module docstring).
+# Placeholder organization of a tombstone whose Deletes named none (see module docstring).
 UNKNOWN_ORGANIZATION = 0
 
-_UPSERT = """
-INSERT INTO {mentions} AS m
-    (mention_id, organization_id, mention_date, transaction_timestamp, change_kind, deleted)
-SELECT c.mention_id, coalesce(c.organization_id, 0), c.mention_date, c.transaction_timestamp,
-       c.change_kind, c.change_kind = 3
-FROM unnest(%s::bigint[], %s::bigint[], %s::timestamptz[], %s::timestamptz[], %s::smallint[])
-    AS c(mention_id, organization_id, mention_date, transaction_timestamp, change_kind)
--- Rows are locked in mention_id order, so concurrent batches cannot deadlock each other.
-ORDER BY c.mention_id
-ON CONFLICT (mention_id) DO UPDATE SET
-    organization_id = coalesce(nullif(EXCLUDED.organization_id, 0), m.organization_id),
-    mention_date = coalesce(EXCLUDED.mention_date, m.mention_date),
-    transaction_timestamp = EXCLUDED.transaction_timestamp,
-    change_kind = EXCLUDED.change_kind,
-    deleted = EXCLUDED.deleted,
-    previous_organization_id = m.organization_id,
-    updated_at = now()
-WHERE (EXCLUDED.transaction_timestamp, EXCLUDED.change_kind,
-       coalesce(nullif(EXCLUDED.organization_id, 0), m.organization_id),
-       coalesce(EXCLUDED.mention_date, m.mention_date, '-infinity'))
-    > (m.transaction_timestamp, m.change_kind, m.organization_id,
-       coalesce(m.mention_date, '-infinity'))
-RETURNING mention_id, organization_id, previous_organization_id
+_INCOMING = """
+unnest(%s::bigint[], %s::bytea[], %s::timestamptz[], %s::smallint[],
+       %s::bigint[], %s::bytea[], %s::timestamptz[], %s::bytea[])
+    AS c(mention_id, version, transaction_timestamp, change_kind,
+         organization_id, organization_version, mention_date, mention_date_version)
 """
 
-# For skipped changes (duplicates, stale): the organizations the stored row is in and came from,
-# so a redelivery whose first delivery lost its invalidation still invalidates (SPEC §7).
+# For mentions the batch did not write (duplicates, stale): the organizations the stored row is
+# in and came from, so a redelivery whose first delivery lost its invalidation still invalidates
+# (SPEC §7).
 _STORED_ORGANIZATIONS = """
 SELECT organization_id, previous_organization_id FROM {mentions} WHERE mention_id = ANY(%s::bigint[])
 """
@@ -67,9 +52,10 @@ SELECT organization_id, previous_organization_id FROM {mentions} WHERE mention_i
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
     applied: int
-    """Changes that replaced (or created) their mention's row."""
+    """Mentions whose row now holds this batch's newest change for them (created or advanced)."""
     skipped: int
-    """Changes that changed nothing: stale, duplicate, or superseded within the batch."""
+    """The other changes: stale, duplicate, or superseded within the batch.  A stale change may
+    still have filled a field that every newer change left out (see ``registers``)."""
     organizations: frozenset[int]
     """Organizations whose caches must be invalidated, applied or not."""
 
@@ -84,49 +70,56 @@ class Store:
         self._url = url
         self._connect_timeout_s = connect_timeout_s
         mentions = sql.Identifier(schema, "mentions")
-        self._upsert = sql.SQL(_UPSERT).format(mentions=mentions)
+        self._upsert = merge_statement(mentions, sql.SQL(_INCOMING), only_changed_fields=False)
         self._stored_organizations = sql.SQL(_STORED_ORGANIZATIONS).format(mentions=mentions)
         self._conn: psycopg.AsyncConnection | None = None
 
     async def apply(self, changes: Sequence[Change]) -> ApplyResult:
         """Apply a batch under the version guard and commit.
 
-        Any batch is accepted; it is coalesced here too (a no-op on a coalesced one).  Raises
+        Any batch is accepted, with duplicates and several changes per mention.  Raises
         ``Unavailable`` or ``Conflict``; in both cases nothing was committed and the batch can be
-        retried as it is.  ``Refused`` when Postgres rejects a value of the batch; the caller
-        can apply the changes one by one to find the culprit.
+        retried as it is.  ``Refused`` when a value of the batch cannot be stored; the caller can
+        apply the changes one by one to find the culprit.
         """
-        batch = coalesce(changes)
-        if not batch:
+        try:
+            writes = fold(changes)
+        except ValueError as exc:  # an organization beyond int64 has no version
+            raise Refused(f"unusable change: {exc}") from exc
+        if not writes:
             return ApplyResult(0, 0, frozenset())
         params = (
-            [c.mention_id for c in batch],
-            [c.organization_id for c in batch],
-            [c.mention_date for c in batch],
-            [c.transaction_timestamp for c in batch],
-            [int(c.kind) for c in batch],
+            [w.mention_id for w in writes],
+            [w.version for w in writes],
+            [w.transaction_timestamp for w in writes],
+            [int(w.kind) for w in writes],
+            [w.organization_id for w in writes],
+            [w.organization_version for w in writes],
+            [w.mention_date for w in writes],
+            [w.mention_date_version for w in writes],
         )
+        versions = {w.mention_id: w.version for w in writes}
         organizations = touched_organizations(changes)
         try:
             async with self._session() as conn, conn.transaction():
                 cursor = await conn.execute(self._upsert, params, binary=True)
-                returned = await cursor.fetchall()
-                applied_ids = set()
-                for mention_id, organization_id, previous_organization_id in returned:
-                    applied_ids.add(mention_id)
+                written = await cursor.fetchall()
+                applied = 0
+                for mention_id, version, organization_id, previous_organization_id in written:
+                    # Written but still at a newer version: a stale change that filled a field.
+                    applied += version == versions.pop(mention_id)
                     organizations.add(organization_id)
                     if previous_organization_id is not None:
                         organizations.add(previous_organization_id)
-                skipped_ids = [c.mention_id for c in batch if c.mention_id not in applied_ids]
-                if skipped_ids:
-                    cursor = await conn.execute(self._stored_organizations, (skipped_ids,), binary=True)
+                if versions:  # the mentions nothing was written for
+                    cursor = await conn.execute(self._stored_organizations, (list(versions),), binary=True)
                     for row in await cursor.fetchall():
                         organizations.update(org for org in row if org is not None)
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             # A value Postgres cannot take (e.g. an id beyond bigint): retrying cannot help.
             raise Refused(f"postgres refused the batch: {exc.sqlstate} {exc.diag.message_primary}") from exc
         organizations.discard(UNKNOWN_ORGANIZATION)
-        return ApplyResult(len(returned), len(changes) - len(returned), frozenset(organizations))
+        return ApplyResult(applied, len(changes) - applied, frozenset(organizations))
 
     async def ping(self) -> None:
         """Raise ``Unavailable`` unless Postgres answers a query."""

@@ -20,6 +20,7 @@ import redis.exceptions
 from indexer import cache
 from indexer.cache import AsyncCacheReader, CacheInvalidator, CacheReader
 from indexer.config import Settings
+from indexer.errors import ConfigError
 
 RestrictedUrl = Callable[[list[str]], str]
 
@@ -136,3 +137,24 @@ def test_a_fill_that_cannot_reach_redis_still_returns_the_loaded_value(
     assert admin.exists(cache.data_key(prefix, 1, "k")) == 0
     assert "cache fill skipped" in caplog.text
     assert urlsplit(url).password not in caplog.text
+
+
+async def test_key_tracking_needs_permissions_auto_falls_back_on_refuses(
+    restricted_url: RestrictedUrl, settings: Settings, admin: redis.Redis, populated: list[str],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # No SCAN (and, with Redis 7's default acl-pubsub-default, no channels): the key tracker
+    # cannot run, so ``auto`` invalidates what the helpers indexed and ``on`` is a config error.
+    prefix = settings.cache_prefix
+    url = restricted_url([f"{prefix}:*"])
+    async with CacheInvalidator(url, prefix) as inv:
+        with caplog.at_level(logging.WARNING, logger="indexer.cache_tracker"):
+            assert await inv.invalidate([1]) == 2
+            assert await inv.invalidate_all() == 2
+        assert inv.tracker.active is False
+    assert caplog.text.count("cannot track keys written directly") == 1
+    async with CacheInvalidator(url, prefix, track_direct_keys="on") as inv:
+        with pytest.raises(ConfigError, match="INDEXER_TRACK_DIRECT_KEYS=on") as info:
+            await inv.ping()
+    assert urlsplit(url).password not in str(info.value)
+    assert [admin.get(name) for name in populated] == [b"foreign", b"foreign"]

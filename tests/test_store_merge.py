@@ -1,11 +1,9 @@
 """Changes that leave a field out (a Delete without organization, a change without mention_date).
 
-The store keeps the stored value for the missing field, as ``Change`` documents.  That value is
-whatever had arrived before the change, not the value of the newest change that carries the field,
-so SPEC §6's "any delivery order gives the same table" does not hold once a change that carries
-the field arrives after a newer one that omits it.  The strict xfail tests pin the gap down
-(reported to the lead; the fix is a version per mergeable field).  When the newest change carries
-every field, the result converges.
+Each such field is a register of its own (``indexer.registers``): it holds the value of the
+highest-version change that carried it, which is what applying the changes in version order
+gives.  So the table is the same in every delivery order, even when a stale change arrives after
+a newer one that left the field out (it fills the field and changes nothing else).
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ from indexer.changes import Change, Kind
 from indexer.config import Settings
 from indexer.migrate import migrate
 from indexer.store import Store
-from tests.support.store import Row, change, read_table, truncate
+from tests.support.store import Row, at, change, oracle, read_table, truncate
 
 INS, UPD, DEL = Kind.INSERTED, Kind.UPDATED, Kind.DELETED
 
@@ -48,7 +46,6 @@ async def test_missing_field_converges_when_the_newest_change_carries_it(store: 
     assert first == second
 
 
-@pytest.mark.xfail(strict=True, reason="SPEC §6 gap: a change omitting a field merges with whatever is stored")
 @pytest.mark.parametrize(
     "base, a, b",
     [
@@ -64,8 +61,44 @@ async def test_missing_field_converges_when_the_newest_change_carries_it(store: 
     ],
     ids=["date-same-instant", "organization-same-instant", "late-move", "late-date"],
 )
-async def test_omitted_field_depends_on_delivery_order(
+async def test_omitted_field_converges_in_every_delivery_order(
     store: Store, settings: Settings, base: list[Change], a: Change, b: Change
 ) -> None:
     first, second = await both_orders(store, settings, base, a, b)
-    assert first == second
+    assert first == second == oracle([*base, a, b])
+
+
+async def test_stale_change_fills_only_the_field_newer_changes_left_out(store: Store, settings: Settings) -> None:
+    await store.apply([change(DEL, 1, None, ts_s=3, date_s=None)])
+    result = await store.apply([change(UPD, 1, 20, ts_s=2, date_s=7)])
+    # Stale for the row (still the Delete at 3), but the only change that named an organization
+    # and a date: the tombstone takes both, as in-order application would.
+    assert table_of(settings) == {1: Row(20, at(7), at(3), DEL, True)}
+    assert (result.applied, result.skipped) == (0, 1)
+    assert result.organizations == {20}
+
+
+async def test_filled_field_is_not_overwritten_by_an_older_change(store: Store, settings: Settings) -> None:
+    await store.apply([change(DEL, 1, None, ts_s=3, date_s=None)])
+    await store.apply([change(UPD, 1, 20, ts_s=2, date_s=7)])
+    await store.apply([change(INS, 1, 10, ts_s=1, date_s=5)])
+    assert table_of(settings) == {1: Row(20, at(7), at(3), DEL, True)}
+
+
+async def test_one_batch_folds_fields_from_several_changes(store: Store, settings: Settings) -> None:
+    # What coalescing would lose: the newest change carries neither field.
+    batch = [change(INS, 1, 10, ts_s=1, date_s=5), change(UPD, 1, 20, ts_s=2, date_s=None), change(DEL, 1, None, ts_s=3, date_s=None)]
+    result = await store.apply(batch)
+    assert table_of(settings) == {1: Row(20, at(5), at(3), DEL, True)} == oracle(batch)
+    assert (result.applied, result.skipped) == (1, 2)
+
+
+async def test_newer_change_carrying_a_field_beats_an_older_one_that_filled_it(store: Store, settings: Settings) -> None:
+    await store.apply([change(DEL, 1, None, ts_s=3, date_s=None)])
+    await store.apply([change(UPD, 1, 20, ts_s=2)])
+    await store.apply([change(INS, 1, 30, ts_s=4, date_s=9)])
+    assert table_of(settings) == {1: Row(30, at(9), at(4), INS, False)}
+
+
+def table_of(settings: Settings) -> dict[int, Row]:
+    return read_table(settings.database_url, settings.schema_name)

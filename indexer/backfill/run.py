@@ -1,0 +1,235 @@
+"""One backfill run: checks, then chunk after chunk, each committed with its checkpoint and then
+invalidated (see the package docstring for the rules)."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator, Iterable
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Protocol, TextIO
+
+import psycopg
+from psycopg import sql
+
+from ..errors import Conflict
+from ..migrate import migrate_async
+from ..progress import Progress
+from ..retry import retry_transient
+from ..store import connection_options
+from .errors import source_errors, target_errors
+from .source import Source, describe_query, normalized
+from .target import COPY_INTO_STAGING, Counts, Target
+
+log = logging.getLogger(__name__)
+
+_CONNECT_TIMEOUT_S = 5
+_CONFLICT_ATTEMPTS = 5  # a chunk aborted by Postgres (e.g. a standby's recovery conflict) is re-read
+
+
+class Invalidator(Protocol):
+    async def invalidate(self, orgs: Iterable[int]) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    source_url: str
+    target_url: str
+    schema: str
+    query: str | None = None
+    """None: the default source, ``public.mentions``."""
+    organizations: tuple[int, ...] = ()
+    batch_size: int = 10_000
+    prune: bool = False
+    resume: bool = False
+    dry_run: bool = False
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    counts: Counts
+    elapsed_s: float
+    dry_run: bool
+    resumed_after: int | None
+
+    def summary(self) -> str:
+        c = self.counts
+        rate = c.read / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        head = "backfill (dry run, nothing changed)" if self.dry_run else "backfill"
+        if self.resumed_after is not None:
+            head += f" (resumed after mention {self.resumed_after})"
+        return (
+            f"{head}: read {c.read}, inserted {c.inserted}, updated {c.updated}, unchanged {c.unchanged},"
+            f" stale-skipped {c.stale}, tombstoned {c.tombstoned}; {rate:,.0f} rows/s in {self.elapsed_s:.1f} s"
+        )
+
+
+async def backfill(options: Options, cache: Invalidator, *, progress_stream: TextIO = sys.stderr) -> Report:
+    """Run a backfill to its end; raises ``ConfigError`` (bad query or schema), ``Unavailable``."""
+    query = normalized(options.query)
+    if not options.dry_run:
+        await migrate_async(options.target_url, options.schema)
+    with source_errors(options.source_url):
+        source_conn = await _connect(options.source_url)
+    try:
+        with target_errors(options.target_url, options.schema):
+            target_conn = await _connect(options.target_url)
+        try:
+            run = _Run(options, query, source_conn, target_conn, cache)
+            return await run.all(progress_stream)
+        finally:
+            await target_conn.close()
+    finally:
+        await source_conn.close()
+
+
+async def _connect(url: str) -> psycopg.AsyncConnection:
+    return await psycopg.AsyncConnection.connect(url, autocommit=True, **connection_options(_CONNECT_TIMEOUT_S))
+
+
+class _Run:
+    def __init__(
+        self,
+        options: Options,
+        query: str,
+        source_conn: psycopg.AsyncConnection,
+        target_conn: psycopg.AsyncConnection,
+        cache: Invalidator,
+    ) -> None:
+        self._options = options
+        self._query = query
+        self._src = source_conn
+        self._tgt = target_conn
+        self._cache = cache
+        self._source: Source
+        self._target: Target
+
+    async def all(self, progress_stream: TextIO) -> Report:
+        options = self._options
+        with source_errors(options.source_url):
+            # A timestamp without time zone in the source is read as UTC, whatever the server's
+            # default; each chunk is one snapshot (REPEATABLE READ), read-only.
+            await self._src.execute("SET TIME ZONE 'UTC'")
+            await self._src.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+            await self._src.set_read_only(True)
+            # Column names first, before anything is streamed or written.
+            cursor = await self._src.execute(describe_query(self._query))
+            columns = [column.name for column in cursor.description or ()]
+            self._source = Source.checked(self._query, options.organizations, columns)
+            # Planning a chunk checks that every column casts to the read model's type.
+            await self._src.execute(self._source.chunk(None, 0))
+        self._target = Target(self._tgt, options.schema, self._source.organizations)
+        name, description = self._source.checkpoint_name(options.source_url)
+
+        with target_errors(options.target_url, options.schema):
+            await self._target.prepare()
+            if not options.dry_run:
+                await self._target.lock(name)
+            checkpoint = await self._target.checkpoint(name)
+        if checkpoint is not None and checkpoint.pending_organizations and not options.dry_run:
+            # The previous run may have died between a commit and its invalidation.
+            await self._invalidate(checkpoint.pending_organizations)
+        after = None
+        if options.resume and checkpoint is not None and not checkpoint.completed:
+            after = checkpoint.last_mention_id
+            log.info("resuming %s after mention %s", name, after)
+        elif options.resume:
+            log.info("nothing to resume for %s: starting over", name)
+        if not options.dry_run and after is None:
+            with target_errors(options.target_url, options.schema):
+                await self._target.record(name, description, None, None, (), None)
+        resumed_after = after
+
+        with source_errors(options.source_url):
+            cursor = await self._src.execute(self._source.count(after))
+            row = await cursor.fetchone()
+        progress = Progress("backfill", row[0] if row else None, progress_stream)
+        total = Counts()
+        try:
+            while True:
+                counts, after, final = await self._chunk_retrying(name, description, after)
+                total.add(counts)
+                progress.advance(counts.read)
+                if not options.dry_run and counts.organizations:
+                    await self._invalidate(counts.organizations)
+                if final:
+                    break
+            if not options.dry_run:
+                with target_errors(options.target_url, options.schema):
+                    await self._target.clear_pending(name)
+        finally:
+            progress.close()
+        return Report(total, progress.elapsed_s, options.dry_run, resumed_after)
+
+    async def _invalidate(self, organizations: Iterable[int]) -> None:
+        orgs = sorted(organizations)
+        await retry_transient(
+            lambda: self._cache.invalidate(orgs),
+            what="redis",
+            initial_s=self._options.retry_initial_s,
+            max_s=self._options.retry_max_s,
+        )
+
+    async def _chunk_retrying(self, name: str, description: str, after: int | None) -> tuple[Counts, int | None, bool]:
+        for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
+            try:
+                return await self._chunk(name, description, after)
+            except Conflict as exc:
+                if attempt == _CONFLICT_ATTEMPTS:
+                    raise
+                log.warning("chunk after mention %s aborted (attempt %d), reading it again: %s", after, attempt, exc)
+        raise AssertionError("unreachable")
+
+    async def _chunk(self, name: str, description: str, after: int | None) -> tuple[Counts, int | None, bool]:
+        """Read, merge and (unless a dry run) commit the rows after ``after``; the chunk's counts,
+        the mention to continue after, and whether this was the last chunk."""
+        options, source, target = self._options, self._source, self._target
+        with source_errors(options.source_url):
+            async with self._src.transaction():
+                # The first statement takes the snapshot; its transaction started just before.
+                cursor = await self._src.execute("SELECT transaction_timestamp()")
+                row = await cursor.fetchone()
+                assert row is not None
+                snapshot_at: datetime = row[0]
+                with target_errors(options.target_url, options.schema):
+                    async with self._tgt.transaction(force_rollback=options.dry_run):
+                        await self._copy(source.chunk(after, options.batch_size))
+                        read, last = await target.staged()
+                        final = read < options.batch_size
+                        # The chunk covers (after, last]; the last one also the tail after it.
+                        up_to = None if final else last
+                        if options.prune:
+                            if source.organizations:
+                                moved = await target.prune_candidates(after, up_to)
+                                if moved:  # gone from the scope, maybe not from the source
+                                    await self._copy(source.lookup(moved))
+                                    read, _ = await target.staged()
+                            await target.stage_tombstones(after, up_to, snapshot_at)
+                        counts = await target.merge()
+                        counts.read = read
+                        if last is not None and (after is None or last > after):
+                            after = last
+                        if not options.dry_run:
+                            completed_at = datetime.now(timezone.utc) if final else None
+                            await target.record(
+                                name, description, after, snapshot_at, sorted(counts.organizations), completed_at
+                            )
+        return counts, after, final
+
+    async def _copy(self, rows: sql.Composable) -> None:
+        """Stream ``rows`` from the source into the staging table, binary and unparsed."""
+        async with self._tgt.cursor().copy(COPY_INTO_STAGING) as into:
+            async with aclosing(self._read(rows)) as chunks:
+                async for data in chunks:
+                    await into.write(data)
+
+    async def _read(self, rows: sql.Composable) -> AsyncIterator[memoryview]:
+        with source_errors(self._options.source_url):
+            statement = sql.SQL("COPY (\n{}\n) TO STDOUT (FORMAT BINARY)").format(rows)
+            async with self._src.cursor().copy(statement) as out:
+                async for data in out:
+                    yield data

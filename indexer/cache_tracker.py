@@ -1,0 +1,380 @@
+"""Indexing keys that were written into an organization's namespace without the fill helper (SPEC §7).
+
+An invalidation must delete *every* key of the organization's namespace ``P:{O}:``, including keys
+another service wrote with a plain ``SET``, yet never walk the keyspace for one event.  The fill
+helper indexes what it writes; ``KeyTracker`` indexes the rest, from keyspace notifications:
+
+* ``notify-keyspace-events`` gets ``K`` (keyspace channels) and ``n`` (new-key events, Redis >= 7)
+  added through CONFIG GET/SET.  Flags already set are kept, and ours stay when the tracker stops:
+  other indexers sharing the server rely on them.  (GET then SET is not atomic: a CONFIG SET by
+  someone else in between is overwritten.)
+* A connection of its own, named ``client_name``, PSUBSCRIBEs to ``__keyspace@<db>__:P:{*``.  For
+  each ``new`` event on ``P:{<decimal org>}:<rest>`` the key is indexed (track.lua: fill.lua's
+  bookkeeping) and the org registered, so invalidate.lua deletes it.  The bookkeeping keys
+  (``P:idx:{O}``, ``P:epoch:{O}``, ``P:orgs``) never have that form.
+* ``barrier()`` runs before every invalidation.  It sends PING on the subscribed connection; the
+  server answers it after every notification queued before it, and the barrier returns once those
+  were indexed.  So a key whose SET returned before the invalidation began is deleted by it.  The
+  flags are checked at the same time: if someone switched them off, the tracker starts again.
+* Starting (also after a lost connection or lost flags): enable the flags, subscribe, then ONE
+  ``SCAN MATCH P:{*`` to adopt keys that existed before (written while the indexer was down, or
+  whose notification was lost).  A walk per start or reconnection, never per event.  Until the
+  start succeeds the barrier raises ``Unavailable``, so nothing is acknowledged meanwhile.
+
+``INDEXER_TRACK_DIRECT_KEYS``: ``auto`` falls back, with one warning, to the keys the helpers
+indexed when the server does not allow this (no CONFIG, no channel permission, no SCAN, Redis < 7);
+``on`` raises ``ConfigError`` instead; ``off`` never tracks.
+
+Not covered: Redis Cluster (notifications are per node; these clients are not cluster clients);
+a TTL set or lengthened on a key after it was indexed (only key creation is observed), and a key
+that existed before and is overwritten (no ``new`` event) while its index expires.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import re
+import secrets
+from typing import TYPE_CHECKING
+
+import redis.asyncio
+import redis.exceptions
+
+from .cache import _MAX_ORG, _TIMEOUT_S, _TRANSIENT, TRACK_LUA, TrackMode, index_key, registry_key
+from .errors import ConfigError, Unavailable, mask_url
+
+if TYPE_CHECKING:
+    from collections.abc import Awaitable, Callable
+
+log = logging.getLogger(__name__)
+
+_NOTIFY = "notify-keyspace-events"
+_FLAGS = "Kn"  # keyspace channel, new-key events (7.0+); never removes a flag
+_BATCH = 1000  # keys per indexing round trip, and SCAN COUNT
+_QUEUE = 10_000  # events read ahead of indexing; beyond, the server buffers (and may drop us)
+_PONG = object()
+
+Tracked = tuple[int, bytes]  # (org, full key name)
+
+
+class _Lost(Exception):
+    """The subscription is gone; the caller retries (the next barrier starts a new one)."""
+
+
+class _Unsupported(Exception):
+    """The server cannot give us new-key notifications."""
+
+
+def _glob_escape(text: str) -> str:
+    return re.sub(r"[\\*?\[\]]", lambda m: "\\" + m.group(), text)
+
+
+def _version(text: str) -> tuple[int, ...]:
+    return tuple(int(part) for part in re.findall(r"\d+", text)[:2])
+
+
+class _Subscription:
+    """One subscribed connection: a task reading events and pongs, a task indexing them in order."""
+
+    def __init__(self, conn: redis.asyncio.Connection, parse: Callable[[bytes], Tracked | None],
+                 track: Callable[[list[Tracked]], Awaitable[None]]) -> None:
+        self.conn = conn
+        self.failure: str | None = None
+        self._parse = parse
+        self._track = track
+        self._queue: asyncio.Queue[object] = asyncio.Queue(_QUEUE)
+        self._pongs: collections.deque[asyncio.Future[None]] = collections.deque()
+        self._send = asyncio.Lock()
+        self._tasks = [asyncio.create_task(self._read(), name="cache-tracker-read"),
+                       asyncio.create_task(self._index(), name="cache-tracker-index")]
+
+    @property
+    def alive(self) -> bool:
+        return self.failure is None and self.conn.is_connected
+
+    async def ping(self) -> None:
+        """Returns once every event the server sent before our PING has been indexed."""
+        if not self.alive:  # send_command would silently reconnect, unsubscribed
+            self.fail(self.failure or "connection closed")
+            raise _Lost(self.failure)
+        pong: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        async with self._send:
+            self._pongs.append(pong)
+            try:
+                await self.conn.send_command("PING", check_health=False)
+            except asyncio.CancelledError:  # a write cut short leaves the stream unusable
+                self.fail("PING interrupted", quiet=True)
+                raise
+            except Exception as exc:
+                self.fail(f"PING not sent: {type(exc).__name__}: {exc}")
+                raise _Lost(self.failure) from exc
+        try:
+            await asyncio.wait_for(pong, _TIMEOUT_S)
+        except TimeoutError:
+            self.fail(f"no answer to PING within {_TIMEOUT_S:g} s")
+            raise _Lost(self.failure) from None
+
+    def fail(self, reason: str, *, quiet: bool = False) -> None:
+        if self.failure is None:
+            self.failure = reason
+            if not quiet:
+                log.warning("cache key tracking interrupted (%s); it restarts at the next invalidation", reason)
+        while self._pongs:
+            pong = self._pongs.popleft()
+            if not pong.done():
+                pong.set_exception(_Lost(self.failure))
+        for task in self._tasks:
+            if task is not asyncio.current_task():
+                task.cancel()  # a read cancelled mid-way disconnects the connection
+
+    async def close(self) -> None:
+        self.fail("closed", quiet=True)
+        await self.conn.disconnect(nowait=True)
+        # Bounded: redis-py (8.1) sometimes swallows a cancellation; the loops then stop on
+        # ``failure`` once their current command returns.
+        await asyncio.wait(self._tasks, timeout=_TIMEOUT_S)
+
+    async def _read(self) -> None:
+        try:
+            while self.failure is None:
+                reply = await self.conn.read_response(timeout=math.inf)
+                kind = reply[0] if isinstance(reply, list) and reply else None
+                if kind == b"pmessage" and len(reply) == 4 and reply[3] == b"new":
+                    tracked = self._parse(reply[2])
+                    if tracked is not None:
+                        await self._queue.put(tracked)
+                elif kind == b"pong":
+                    await self._queue.put(_PONG)
+        except Exception as exc:
+            self.fail(f"subscription lost: {type(exc).__name__}: {exc}")
+
+    async def _index(self) -> None:
+        try:
+            while self.failure is None:
+                items = [await self._queue.get()]
+                while len(items) < _BATCH and not self._queue.empty():
+                    items.append(self._queue.get_nowait())
+                keys: list[Tracked] = [item for item in items if item is not _PONG]  # type: ignore[misc]
+                if keys:
+                    await self._track(keys)
+                    if self.failure is not None:
+                        return
+                # Only now: every event before these pongs is indexed.
+                for _ in range(len(items) - len(keys)):
+                    if self._pongs:
+                        pong = self._pongs.popleft()
+                        if not pong.done():
+                            pong.set_result(None)
+        except Exception as exc:
+            self.fail(f"indexing failed: {type(exc).__name__}: {exc}")
+
+
+class KeyTracker:
+    """Keeps every key of a prefix's namespaces in its organization's index (see the module doc).
+
+    ``client`` is the invalidator's client (CONFIG, SCAN and indexing go through it); the
+    subscription gets a connection of its own with the same settings.
+    """
+
+    def __init__(self, client: redis.asyncio.Redis, prefix: str, url: str, mode: TrackMode) -> None:
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"track_direct_keys must be auto, on or off, got {mode!r}")
+        self.mode = mode
+        self.url = url
+        self.client_name = f"mention-indexer-keys-{secrets.token_hex(6)}"
+        self._client = client
+        self._prefix = prefix
+        self._registry = registry_key(prefix)
+        self._script = client.register_script(TRACK_LUA)
+        self._db = int(client.connection_pool.connection_kwargs.get("db") or 0)
+        self._channel_head = f"__keyspace@{self._db}__:".encode()
+        self._key_head = f"{prefix}:{{".encode()
+        self._pattern = _glob_escape(f"{prefix}:{{") + "*"
+        self._disabled = mode == "off"
+        self._sub: _Subscription | None = None
+        self._starting: asyncio.Task[_Subscription | None] | None = None
+
+    @property
+    def active(self) -> bool | None:
+        """True while tracking, False if off or fallen back, None before the first start."""
+        if self._disabled:
+            return False
+        return True if self._sub is not None and self._sub.alive else None
+
+    async def barrier(self) -> None:
+        """Index every key created before this call; ``Unavailable`` if that cannot be ensured."""
+        for _ in range(2):
+            sub = await self._subscription()
+            if sub is None:
+                return
+            try:
+                _, flags = await asyncio.gather(sub.ping(), self._flags())
+            except _Lost as exc:
+                raise Unavailable("redis", self.url, f"cache key tracking: {exc}") from None
+            except _TRANSIENT as exc:
+                raise Unavailable("redis", self.url, f"{type(exc).__name__}: {exc}") from exc
+            except (redis.exceptions.ResponseError, _Unsupported) as exc:
+                await self._impossible(exc)
+                return
+            if all(flag in flags for flag in _FLAGS):
+                return
+            # Keys created meanwhile sent no event: start again, which adopts them by SCAN.
+            sub.fail(f"{_NOTIFY} lost its {_FLAGS} flags (now {flags!r})")
+        raise Unavailable("redis", self.url, f"{_NOTIFY} keeps losing the {_FLAGS} flags")
+
+    async def aclose(self) -> None:
+        self._disabled = True
+        if self._starting is not None:
+            self._starting.cancel()
+            await asyncio.gather(self._starting, return_exceptions=True)
+        if self._sub is not None:
+            await self._sub.close()
+            self._sub = None
+
+    # ---- starting ----
+
+    async def _subscription(self) -> _Subscription | None:
+        if self._disabled:
+            return None
+        if self._sub is not None and self._sub.alive:
+            return self._sub
+        if self._starting is None or self._starting.done():
+            # A task of its own: a caller given up on (a probe's timeout) does not abort the start.
+            self._starting = asyncio.create_task(self._restart(), name="cache-tracker-start")
+            self._starting.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return await asyncio.shield(self._starting)
+
+    async def _restart(self) -> _Subscription | None:
+        old, self._sub = self._sub, None
+        if old is not None:
+            await old.close()
+        try:
+            await self._enable_notifications()
+            sub = await self._subscribe()
+            try:
+                await self._adopt_existing()
+            except BaseException:
+                await sub.close()
+                raise
+        except _TRANSIENT as exc:
+            raise Unavailable("redis", self.url, f"{type(exc).__name__}: {exc}") from exc
+        except (redis.exceptions.ResponseError, _Unsupported) as exc:
+            await self._impossible(exc)
+            return None
+        if self._disabled:  # closed meanwhile (a cancellation swallowed by redis-py)
+            await sub.close()
+            return None
+        self._sub = sub
+        return sub
+
+    async def _impossible(self, exc: Exception) -> None:
+        detail = f"{type(exc).__name__}: {exc}"
+        if self.mode == "on":
+            raise ConfigError(
+                f"INDEXER_TRACK_DIRECT_KEYS=on, but Redis at {mask_url(self.url)} does not allow tracking keys "
+                f"written directly into the cache namespaces ({detail}); it needs Redis >= 7 and permission for "
+                f"CONFIG GET/SET, PSUBSCRIBE to __keyspace@* and SCAN, or set it to auto or off"
+            )
+        if self._disabled:
+            return  # warned already
+        self._disabled = True
+        if self._sub is not None:
+            await self._sub.close()
+            self._sub = None
+        log.warning(
+            "cannot track keys written directly into the cache namespaces (%s): only keys written through "
+            "the cache helper will be invalidated", detail
+        )
+
+    async def _flags(self) -> str:
+        reply = await self._client.config_get(_NOTIFY)
+        value = next(iter(reply.values()), None) if isinstance(reply, dict) else None
+        if value is None:
+            raise _Unsupported(f"the server has no {_NOTIFY} setting")
+        return value.decode() if isinstance(value, bytes) else str(value)
+
+    async def _enable_notifications(self) -> None:
+        version = str((await self._client.info("server")).get("redis_version", "0"))
+        if _version(version) < (7, 0):
+            raise _Unsupported(f"Redis {version} has no new-key notifications (7.0 or later needed)")
+        for _ in range(3):
+            flags = await self._flags()
+            missing = "".join(flag for flag in _FLAGS if flag not in flags)
+            if not missing:
+                return
+            log.info("adding %r to the server's %s (was %r)", missing, _NOTIFY, flags)
+            await self._client.config_set(_NOTIFY, flags + missing)
+        raise Unavailable("redis", self.url, f"{_NOTIFY} keeps losing the {_FLAGS} flags")
+
+    def _connection(self) -> redis.asyncio.Connection:
+        pool = self._client.connection_pool
+        kwargs = {
+            name: value
+            for name, value in pool.connection_kwargs.items()
+            if not name.startswith(("maint_notifications", "orig_"))  # the pool's, not ours
+        }
+        kwargs.update(
+            client_name=self.client_name,
+            protocol=2,  # RESP2: PING is answered in order with the events, as ["pong", ""]
+            decode_responses=False,
+            health_check_interval=0,  # its PING would swallow an event
+            socket_timeout=_TIMEOUT_S,  # writes and the handshake; events are awaited without limit
+            socket_connect_timeout=kwargs.get("socket_connect_timeout") or _TIMEOUT_S,
+        )
+        return pool.connection_class(**kwargs)
+
+    async def _subscribe(self) -> _Subscription:
+        conn = self._connection()
+        try:
+            await conn.connect()
+            await conn.send_command("PSUBSCRIBE", self._channel_head.decode() + self._pattern, check_health=False)
+            reply = await conn.read_response()
+            if not (isinstance(reply, list) and reply[:1] == [b"psubscribe"]):
+                raise redis.exceptions.ConnectionError(f"unexpected reply to PSUBSCRIBE: {reply!r:.80}")
+        except BaseException:
+            await conn.disconnect(nowait=True)
+            raise
+        return _Subscription(conn, self._parse_channel, self._track)
+
+    async def _adopt_existing(self) -> None:
+        """The one walk of the keyspace, per start (see the module doc)."""
+        batch: list[Tracked] = []
+        async for key in self._client.scan_iter(match=self._pattern, count=_BATCH):
+            if self._disabled:
+                raise asyncio.CancelledError  # closed meanwhile (see _restart)
+            tracked = self._parse(key.encode() if isinstance(key, str) else key)
+            if tracked is not None:
+                batch.append(tracked)
+            if len(batch) >= _BATCH:
+                await self._track(batch)
+                batch = []
+        if batch:
+            await self._track(batch)
+
+    # ---- indexing ----
+
+    def _parse_channel(self, channel: bytes) -> Tracked | None:
+        if not channel.startswith(self._channel_head):
+            return None
+        return self._parse(channel[len(self._channel_head) :])
+
+    def _parse(self, key: bytes) -> Tracked | None:
+        """``(org, key)`` for ``P:{<canonical decimal org>}:<anything>``; None for anything else."""
+        if not key.startswith(self._key_head):
+            return None
+        digits, tag_end, _ = key[len(self._key_head) :].partition(b"}:")
+        if not tag_end or not digits.isdigit() or len(digits) > 19 or (digits[:1] == b"0" and len(digits) > 1):
+            return None
+        org = int(digits)
+        return (org, key) if org <= _MAX_ORG else None
+
+    async def _track(self, keys: list[Tracked]) -> None:
+        async with self._client.pipeline(transaction=False) as pipe:
+            # Registered before indexed, as the readers do, so invalidate_all finds every org.
+            pipe.sadd(self._registry, *sorted({org for org, _ in keys}))
+            for org, key in keys:
+                await self._script(keys=[index_key(self._prefix, org), key], client=pipe)
+            await pipe.execute()

@@ -1,0 +1,271 @@
+"""The backfill against a real Postgres and Redis: rows, versions, reruns, prune, scope, caches."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from datetime import datetime, timedelta, timezone
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from indexer.cache import CacheReader
+from indexer.changes import Change, Kind
+from indexer.config import Settings
+from indexer.errors import ConfigError
+from indexer.migrate import migrate
+from indexer.store import Store
+from tests.support.backfill import SourceRow, SourceTable, checkpoints, run_backfill, source_table
+from tests.support.store import Row, at, change, read_row, read_table
+
+INS, UPD, DEL = Kind.INSERTED, Kind.UPDATED, Kind.DELETED
+LATER = datetime.now(timezone.utc) + timedelta(days=1)  # after any snapshot of this test run
+
+
+@pytest.fixture
+def source(settings: Settings) -> Iterator[SourceTable]:
+    migrate(settings.database_url, settings.schema_name)
+    with source_table(settings) as table:
+        yield table
+
+
+def rows(count: int, *, org_of: int = 5, version_at: datetime | None = None) -> list[SourceRow]:
+    return [SourceRow(i, i % org_of + 1, at(i), version_at) for i in range(1, count + 1)]
+
+
+def table(settings: Settings) -> dict[int, Row]:
+    return read_table(settings.database_url, settings.schema_name)
+
+
+async def test_rows_equal_the_source_read_through_renamed_columns(settings: Settings, source: SourceTable) -> None:
+    source.insert(rows(250))
+    started = datetime.now(timezone.utc)
+    report = await run_backfill(settings, source.query(), batch_size=100)
+    finished = datetime.now(timezone.utc)
+    assert (report.counts.read, report.counts.inserted) == (250, 250)
+    got = table(settings)
+    assert {i: (r.organization_id, r.mention_date, r.change_kind, r.deleted) for i, r in got.items()} == {
+        i: (i % 5 + 1, at(i), INS, False) for i in range(1, 251)
+    }
+    # Without a version column, a row's version is its chunk's snapshot time.
+    assert all(started - timedelta(seconds=1) <= r.transaction_timestamp <= finished for r in got.values())
+    assert len({r.transaction_timestamp for r in got.values()}) == 3  # one snapshot per chunk
+    (checkpoint,) = checkpoints(settings)
+    assert checkpoint["last_mention_id"] == 250 and checkpoint["completed_at"] is not None
+
+
+async def test_version_and_deleted_columns_are_used(settings: Settings, source: SourceTable) -> None:
+    source.insert([SourceRow(1, 7, at(1), at(100)), SourceRow(2, 8, None, at(200), removed=True), SourceRow(3, 9, at(3), None)])
+    await run_backfill(settings, source.query(versions=True, deleted=True))
+    got = table(settings)
+    assert got[1] == Row(7, at(1), at(100), INS, False)
+    assert got[2] == Row(8, None, at(200), DEL, True)
+    # A NULL version falls back to the snapshot's time.
+    assert got[3].transaction_timestamp > at(100) and got[3].organization_id == 9
+
+
+async def test_newer_live_change_is_not_regressed(settings: Settings, source: SourceTable) -> None:
+    source.insert(rows(10))
+    async with Store(settings.database_url, settings.schema_name) as store:
+        await store.apply(
+            [
+                Change(UPD, 3, 77, at(33), LATER),
+                Change(DEL, 4, None, None, LATER),
+                # Older than the snapshot: the source is newer and wins.
+                change(UPD, 5, 99, ts_s=1, date_s=9),
+            ]
+        )
+    report = await run_backfill(settings, source.query())
+    got = table(settings)
+    assert got[3] == Row(77, at(33), LATER, UPD, False)
+    # The Delete named neither organization nor date: the older backfilled row fills them in.
+    assert got[4] == Row(4 % 5 + 1, at(4), LATER, DEL, True)
+    assert (got[5].organization_id, got[5].mention_date, got[5].change_kind) == (5 % 5 + 1, at(5), INS)
+    c = report.counts
+    assert (c.read, c.inserted, c.updated, c.stale) == (10, 7, 1, 2)
+
+
+@pytest.mark.parametrize("versions", [False, True], ids=["snapshot-versions", "explicit-versions"])
+async def test_second_identical_run_changes_nothing(settings: Settings, source: SourceTable, versions: bool) -> None:
+    source.insert(rows(300, version_at=at(1000) if versions else None))
+    source.execute("UPDATE {table} SET removed = true WHERE id % 10 = 0")
+    query = source.query(versions=versions, deleted=True)
+    await run_backfill(settings, query, batch_size=64)
+    before = [read_row(settings.database_url, settings.schema_name, i) for i in range(1, 301)]
+    again = await run_backfill(settings, query, batch_size=64)
+    c = again.counts
+    assert (c.read, c.inserted, c.updated, c.unchanged, c.stale, c.tombstoned) == (300, 0, 0, 300, 0, 0)
+    # Not even updated_at moved: nothing was written.
+    assert [read_row(settings.database_url, settings.schema_name, i) for i in range(1, 301)] == before
+
+
+async def test_prune_tombstones_exactly_the_rows_the_source_lost(settings: Settings, source: SourceTable) -> None:
+    source.insert(rows(100))
+    await run_backfill(settings, source.query(), batch_size=30)
+    source.execute("DELETE FROM {table} WHERE id IN (1, 30, 31, 55, 99, 100)")
+    async with Store(settings.database_url, settings.schema_name) as store:
+        await store.apply(
+            [
+                change(INS, 500, 3, ts_s=1),  # only in the read model, older: goes (tail)
+                Change(INS, 600, 3, None, LATER),  # newer than the snapshot: stays
+            ]
+        )
+    report = await run_backfill(settings, source.query(), batch_size=30, prune=True)
+    got = table(settings)
+    assert {i for i, r in got.items() if r.deleted} == {1, 30, 31, 55, 99, 100, 500}
+    assert not got[600].deleted
+    assert report.counts.tombstoned == 7
+    assert got[55].organization_id == 55 % 5 + 1  # a tombstone keeps its organization
+    again = await run_backfill(settings, source.query(), batch_size=30, prune=True)
+    assert (again.counts.tombstoned, again.counts.updated) == (0, 0)
+
+
+async def test_prune_within_an_organization_scope_moves_rather_than_deletes(settings: Settings, source: SourceTable) -> None:
+    source.insert(rows(40, org_of=2))  # organizations 1 and 2
+    await run_backfill(settings, source.query(), batch_size=8)
+    source.execute("UPDATE {table} SET org = 3 WHERE id = 9")  # org 2 -> 3: out of the scope
+    source.execute("DELETE FROM {table} WHERE id IN (11, 12)")  # orgs 2 and 1
+    report = await run_backfill(settings, source.query(), batch_size=8, prune=True, organizations=(2,))
+    got = table(settings)
+    assert got[9] == Row(3, at(9), got[9].transaction_timestamp, INS, False)
+    assert got[11].deleted and not got[12].deleted  # 12 was in organization 1: out of the scope
+    # Read: organization 2's 20 rows, less 11 (deleted) and 9 (moved), plus 9 found by the lookup.
+    assert (report.counts.read, report.counts.tombstoned, report.counts.updated) == (19, 1, 1)
+
+
+async def test_dry_run_reports_and_changes_nothing(settings: Settings, source: SourceTable) -> None:
+    source.insert(rows(50))
+    await run_backfill(settings, source.query())
+    source.execute("UPDATE {table} SET org = 42 WHERE id <= 5")
+    source.execute("DELETE FROM {table} WHERE id = 50")
+    before = table(settings)
+    checkpoint_before = checkpoints(settings)
+    report = await run_backfill(settings, source.query(), batch_size=20, prune=True, dry_run=True)
+    assert (report.counts.updated, report.counts.tombstoned, report.counts.unchanged) == (5, 1, 44)
+    assert table(settings) == before and checkpoints(settings) == checkpoint_before
+
+
+async def test_caches_of_changed_organizations_are_invalidated(settings: Settings, source: SourceTable) -> None:
+    source.insert(rows(20, org_of=4))  # organizations 1..4
+    await run_backfill(settings, source.query())
+    source.execute("UPDATE {table} SET org = 9 WHERE id = 4")  # moves from organization 1 to 9
+    loads: list[int] = []
+    with CacheReader(settings.redis_url, settings.cache_prefix) as reader:
+
+        def fill(org: int) -> None:
+            reader.get_or_fill(org, "listing", lambda: loads.append(org) or b"cached")
+
+        for org in (1, 2, 9):
+            fill(org)
+        await run_backfill(settings, source.query())
+        loads.clear()
+        for org in (1, 2, 9):
+            fill(org)
+    assert sorted(loads) == [1, 9]  # organization 2 did not change: its cache stays
+
+
+async def test_duplicate_mention_ids_are_a_configuration_error(settings: Settings, source: SourceTable) -> None:
+    source.insert(rows(5))
+    with pytest.raises(ConfigError, match="more than once"):
+        await run_backfill(settings, source.query() + " UNION ALL SELECT 3, 1, NULL")
+
+
+@pytest.mark.parametrize("tail", [" WHERE 'a%' LIKE '%%' -- a comment", " ;\n"], ids=["percent-comment", "semicolon"])
+async def test_query_is_wrapped_as_given(settings: Settings, source: SourceTable, tail: str) -> None:
+    source.insert(rows(5))
+    assert (await run_backfill(settings, source.query() + tail)).counts.inserted == 5
+
+
+async def test_resume_without_a_checkpoint_starts_from_the_beginning(settings: Settings, source: SourceTable) -> None:
+    source.insert(rows(10))
+    assert (await run_backfill(settings, source.query(), resume=True)).counts.inserted == 10
+    # A completed run has nothing to continue: --resume starts over.
+    assert (await run_backfill(settings, source.query(), resume=True)).counts.read == 10
+
+
+# ---- through the command line ------------------------------------------------------------------
+
+
+def cli(settings: Settings, *args: str, source_url: str | None = None) -> subprocess.CompletedProcess[str]:
+    env = {
+        **os.environ,
+        "DATABASE_URL": settings.database_url,
+        "SOURCE_DATABASE_URL": source_url or settings.database_url,
+        "REDIS_URL": settings.redis_url,
+        "INDEXER_SCHEMA": settings.schema_name,
+        "INDEXER_CACHE_PREFIX": settings.cache_prefix,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "indexer", "backfill", *args], env=env, capture_output=True, text=True, timeout=60
+    )
+
+
+def test_cli_summary_line(settings: Settings, source: SourceTable) -> None:
+    source.insert(rows(12))
+    done = cli(settings, "--source-query", source.query(), "--batch-size", "5")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(
+        "backfill: read 12, inserted 12, updated 0, unchanged 0, stale-skipped 0, tombstoned 0; "
+    )
+    assert "rows/s" in done.stdout
+
+
+@pytest.mark.parametrize(
+    "query, message",
+    [
+        ("SELECT id AS mention_id, org AS organization_id FROM {schema}.posts", "no column 'mention_date'"),
+        ("SELECT id AS mention_id, org, happened_at AS mention_date FROM {schema}.posts", "no column 'organization_id'"),
+        ("SELEC 1", "syntax error"),
+        ("SELECT 1 AS mention_id, 1 AS organization_id, now()::date > now() AS mention_date", "cannot cast type boolean"),
+    ],
+    ids=["missing-date", "missing-organization", "syntax", "wrong-type"],
+)
+def test_bad_source_query_exits_2_saying_what_is_wrong(
+    settings: Settings, source: SourceTable, query: str, message: str
+) -> None:
+    done = cli(settings, "--source-query", query.format(schema=source.schema))
+    assert done.returncode == 2, done.stderr
+    assert message in done.stderr
+    assert table(settings) == {}
+
+
+def test_missing_default_source_table_exits_2(settings: Settings, source: SourceTable) -> None:
+    # The test database has no public.mentions.
+    done = cli(settings)
+    assert done.returncode == 2 and "public.mentions" in done.stderr
+
+
+def test_unreachable_source_exits_1_with_the_password_masked(settings: Settings, source: SourceTable) -> None:
+    done = cli(settings, source_url="postgresql://someone:hunter2@127.0.0.1:1/nothing")
+    assert done.returncode == 1
+    assert "postgres unavailable at postgresql://someone:***@127.0.0.1:1/nothing" in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout
+
+
+def test_empty_scope_completes(settings: Settings, source: SourceTable) -> None:
+    done = cli(settings, "--source-query", source.query(), "--org", "12345", "--prune")
+    assert done.returncode == 0, done.stderr
+    assert "read 0," in done.stdout
+
+
+async def test_source_in_another_database(settings: Settings, source: SourceTable) -> None:
+    # A second database stands for a separate source server.
+    name = settings.schema_name.lower()
+    admin_url = settings.database_url
+    with psycopg.connect(admin_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    try:
+        other_url = admin_url.rsplit("/", 1)[0] + "/" + name
+        other = SourceTable(other_url, "elsewhere")
+        other.create()
+        other.insert(rows(7))
+        report = await run_backfill(
+            settings.model_copy(update={"source_database_url": other_url}), other.query()
+        )
+        assert report.counts.inserted == 7 and len(table(settings)) == 7
+    finally:
+        with psycopg.connect(admin_url, autocommit=True) as conn:
+            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
