@@ -71,7 +71,13 @@ class Delivery:
 
 
 def queue_arguments(settings: Settings) -> dict[str, Any]:
-    return {"x-queue-type": settings.queue_type}
+    arguments: dict[str, Any] = {"x-queue-type": settings.queue_type}
+    if settings.queue_type == "quorum":
+        # RabbitMQ 4.x gives quorum queues a delivery limit of 20 and then drops the message (we
+        # set no dead-letter exchange on purpose: our DLQ carries a reason).  A message we could
+        # not finish (outage, kill -9) or an operator's `dlq list` must never cost it its life.
+        arguments["x-delivery-limit"] = 2**31 - 1
+    return arguments
 
 
 async def connect(url: str, *, timeout_s: float = 10.0) -> aio_pika.abc.AbstractConnection:
@@ -84,11 +90,24 @@ async def connect(url: str, *, timeout_s: float = 10.0) -> aio_pika.abc.Abstract
 async def declare_topology(channel: aio_pika.abc.AbstractChannel, settings: Settings) -> aio_pika.abc.AbstractQueue:
     """Exchange, queue, bindings and dead-letter queue; idempotent, shared by every indexer."""
     exchange = await channel.declare_exchange(settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
-    await channel.declare_queue(settings.dlq, durable=True, arguments=queue_arguments(settings))
-    queue = await channel.declare_queue(settings.queue, durable=True, arguments=queue_arguments(settings))
+    await _declare_queue(channel, settings.dlq, settings)
+    queue = await _declare_queue(channel, settings.queue, settings)
     for routing_key in settings.routing_keys:
         await queue.bind(exchange, routing_key)
     return queue
+
+
+async def _declare_queue(
+    channel: aio_pika.abc.AbstractChannel, name: str, settings: Settings
+) -> aio_pika.abc.AbstractQueue:
+    """Declare ``name`` durable with our arguments; a queue that already exists with other
+    arguments (declared by an operator, a policy or an older version) is used as it is."""
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=queue_arguments(settings))
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        log.warning("queue %s exists with other arguments (%s); using it as it is", name, exc)
+        await channel.reopen()
+        return await channel.declare_queue(name, passive=True)
 
 
 class Session:
@@ -110,11 +129,18 @@ class Session:
         self._connection.close_callbacks.add(self._on_close)
         try:
             channel = await self._connection.channel(publisher_confirms=False)
+            # Declaring may close (and reopen) the channel once, see _declare_queue: only watch
+            # the channel for closes once the topology stands.
+            self._queue = await declare_topology(channel, settings)
             channel.close_callbacks.add(self._on_close)
             await channel.set_qos(prefetch_count=settings.prefetch)
-            self._queue = await declare_topology(channel, settings)
             self._dlq_channel = await self._connection.channel(publisher_confirms=True)
             self._dlq_channel.close_callbacks.add(self._on_close)
+            # The broker can cancel a consumer and leave its channel open (queue deleted, and so
+            # on): nothing would arrive again while all looks well.  Treat it as a lost session,
+            # so the service opens a new one, declares the topology again and consumes.
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
             self._consumer_tag = await self._queue.consume(self._receive)
         except CONNECTION_ERRORS as exc:
             await self.close()
@@ -124,6 +150,11 @@ class Session:
     def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
         if not self._lost.is_set():
             log.warning("rabbitmq session closed: %s", exc or "closed")
+        self._lost.set()
+
+    def _on_consumer_cancelled(self, _frame: Any) -> None:
+        if not self._lost.is_set():
+            log.warning("rabbitmq cancelled our consumer (was queue %s deleted?)", self._settings.queue)
         self._lost.set()
 
     async def _receive(self, message: AbstractIncomingMessage) -> None:
@@ -378,7 +409,12 @@ class DeadLetterQueue:
             budget = queue.declaration_result.message_count or 0
             if limit is not None:
                 budget = min(budget, limit)
-            exchange = await channel.get_exchange(self._settings.exchange, ensure=True)
+            try:
+                exchange = await channel.get_exchange(self._settings.exchange, ensure=True)
+            except aiormq.exceptions.ChannelNotFoundEntity:
+                raise IndexerError(
+                    f"exchange {self._settings.exchange!r} does not exist: nothing to replay to (has the indexer run?)"
+                ) from None
             while replayed < budget:
                 message = await queue.get(no_ack=False, fail=False)
                 if message is None:

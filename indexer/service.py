@@ -31,6 +31,9 @@ from .store import Store
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 PROBE_INTERVAL_S = 5.0
+# After the batch budget, closing the connections gets this long; a service that does not answer
+# (no close-ok) is left behind: the broker requeues what we held when it notices we are gone.
+CLOSE_TIMEOUT_S = 0.5
 
 
 class Service:
@@ -50,25 +53,29 @@ class Service:
         self.health.stopping = True
 
     async def run(self) -> None:
-        """Until ``request_stop``; a batch in hand gets ``shutdown_timeout_s`` to finish."""
+        """Until ``request_stop``.  The batch in hand gets ``shutdown_timeout_s`` from the stop
+        request to finish, closing the connections at most ``CLOSE_TIMEOUT_S`` more: a service
+        that stopped answering cannot stretch the shutdown step by step (SPEC §9: exit in 10 s)."""
+        loop = asyncio.get_running_loop()
         http = self._start_http()
         work = asyncio.create_task(self._work(), name="indexer-work")
         stop = asyncio.create_task(self._stop.wait())
         try:
             await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+            deadline = loop.time() + self.settings.shutdown_timeout_s
             if not work.done() and self._busy:
                 if self._session is not None:
-                    await self._session.stop_consuming()
-                await asyncio.wait({work}, timeout=self.settings.shutdown_timeout_s)
+                    await _within(self._session.stop_consuming(), deadline - loop.time())
+                await asyncio.wait({work}, timeout=max(0.0, deadline - loop.time()))
                 if not work.done():
                     log.warning("batch not finished after %.1f s; abandoning it (it will be redelivered)",
                                 self.settings.shutdown_timeout_s)
         finally:
             stop.cancel()
-            work.cancel()
-            await asyncio.gather(work, return_exceptions=True)
-            if http is not None:
-                http.stop()
+            http_stopped = asyncio.create_task(asyncio.to_thread(http.stop)) if http is not None else None
+            await _cancel_within(work, CLOSE_TIMEOUT_S)
+            if http_stopped is not None:
+                await http_stopped
         if not work.cancelled() and work.exception() is not None:
             raise work.exception()  # type: ignore[misc]
 
@@ -174,6 +181,30 @@ class Service:
             raise Unavailable("postgres", self.settings.database_url, type(exc).__name__) from None
         async with conn:
             await conn.execute("SELECT 1")
+
+
+async def _within(awaitable: Awaitable[object], seconds: float) -> None:
+    """Await ``awaitable`` for at most ``seconds`` (cancelled after that)."""
+    try:
+        await asyncio.wait_for(awaitable, max(0.0, seconds))
+    except asyncio.TimeoutError:
+        pass
+
+
+async def _cancel_within(task: asyncio.Task[None], seconds: float) -> None:
+    """Cancel ``task`` and let its clean-up run for ``seconds``; after that, cancel again whatever
+    step of it is still waiting (closing a connection to a stalled service), until it is done."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + seconds
+    task.cancel()
+    warned = False
+    while not task.done():
+        await asyncio.wait({task}, timeout=max(0.05, deadline - loop.time()))
+        if not task.done() and loop.time() >= deadline:
+            if not warned:
+                log.warning("closing connections takes more than %.1f s; not waiting for them", seconds)
+                warned = True
+            task.cancel()
 
 
 def run(settings: Settings) -> None:

@@ -33,6 +33,8 @@ from .registers import fold
 
 # Placeholder organization of a tombstone whose Deletes named none (see module docstring).
 UNKNOWN_ORGANIZATION = 0
+# The live path never idles inside a transaction: one statement, then commit.
+IDLE_IN_TRANSACTION_TIMEOUT_S = 10
 
 _INCOMING = """
 unnest(%s::bigint[], %s::bytea[], %s::timestamptz[], %s::smallint[],
@@ -142,7 +144,9 @@ class Store:
             with translate_errors(self._url):
                 if self._conn is None or self._conn.closed:
                     self._conn = await psycopg.AsyncConnection.connect(
-                        self._url, autocommit=True, **connection_options(self._connect_timeout_s)
+                        self._url,
+                        autocommit=True,
+                        **connection_options(self._connect_timeout_s, idle_in_transaction_timeout_s=IDLE_IN_TRANSACTION_TIMEOUT_S),
                     )
                 yield self._conn
         except Unavailable:
@@ -163,9 +167,9 @@ class Store:
                 pass
 
 
-def connection_options(connect_timeout_s: int) -> dict[str, object]:
+def connection_options(connect_timeout_s: int, *, idle_in_transaction_timeout_s: int | None = None) -> dict[str, object]:
     """libpq options shared by every connection of the indexer."""
-    return {
+    options: dict[str, object] = {
         "connect_timeout": connect_timeout_s,
         "application_name": "mention-indexer",
         # A silently dropped peer surfaces as an error within ~30 s instead of a hang.
@@ -174,6 +178,11 @@ def connection_options(connect_timeout_s: int) -> dict[str, object]:
         "keepalives_interval": 5,
         "keepalives_count": 3,
     }
+    if idle_in_transaction_timeout_s is not None:
+        # A session orphaned mid-transaction (our side reconnected, the server never noticed)
+        # would keep its row locks and block the new session for hours: let Postgres end it.
+        options["options"] = f"-c idle_in_transaction_session_timeout={idle_in_transaction_timeout_s}s"
+    return options
 
 
 @contextmanager

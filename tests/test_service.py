@@ -214,3 +214,19 @@ async def test_consumer_comes_back_after_the_broker_closes_its_connection(settin
         await publish(settings, [change_body(Kind.INSERTED, 2, 1, at(2))])
         await eventually(lambda: asyncio.sleep(0, 2 in rows(settings)))
         await settled(settings)
+
+
+async def test_a_queue_declared_beforehand_with_other_arguments_is_used_as_it_is(
+    settings: Settings, caplog: pytest.LogCaptureFixture
+) -> None:
+    import aio_pika
+
+    connection = await aio_pika.connect(settings.amqp_url)
+    async with connection:
+        channel = await connection.channel()
+        await channel.declare_queue(settings.queue, durable=True, arguments={"x-queue-type": "quorum"})
+    async with running(settings):
+        await publish(settings, [change_body(Kind.INSERTED, 1, 1, at(1))])
+        await eventually(lambda: asyncio.sleep(0, 1 in rows(settings)))
+        await settled(settings)
+    assert f"queue {settings.queue} exists with other arguments" in caplog.text
