@@ -273,6 +273,15 @@ class CacheReader:
         self.close()
 
 
+def _async_client(client: redis.asyncio.Redis | str) -> tuple[redis.asyncio.Redis, str, bool]:
+    """(client, URL for messages, whether we own and must close it); no retries inside redis-py:
+    the caller's policy decides, and a hidden retry would stretch every outage report."""
+    if isinstance(client, str):
+        retry = redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0)
+        return redis.asyncio.Redis.from_url(client, retry=retry, **_options()), client, True
+    return client, _describe(client), False
+
+
 class AsyncCacheReader:
     """``CacheReader`` for asyncio; the loader may be a coroutine function or a plain function."""
 
@@ -280,16 +289,7 @@ class AsyncCacheReader:
         self._prefix = check_prefix(prefix)
         _ttl_ms(ttl_s)
         self.ttl_s = ttl_s
-        if isinstance(client, str):
-            self.url = client
-            self._owned = True
-            self._client = redis.asyncio.Redis.from_url(
-                client, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **_options()
-            )
-        else:
-            self.url = _describe(client)
-            self._owned = False
-            self._client = client
+        self._client, self.url, self._owned = _async_client(client)
         self._read = self._client.register_script(READ_LUA)
         self._fill = self._client.register_script(FILL_LUA)
 
@@ -350,16 +350,7 @@ class CacheInvalidator:
         self, client: redis.asyncio.Redis | str, prefix: str, *, track_direct_keys: TrackMode = "auto"
     ) -> None:
         self._prefix = check_prefix(prefix)
-        if isinstance(client, str):
-            self.url = client
-            self._owned = True
-            self._client = redis.asyncio.Redis.from_url(
-                client, retry=redis.asyncio.retry.Retry(redis.backoff.NoBackoff(), 0), **_options()
-            )
-        else:
-            self.url = _describe(client)
-            self._owned = False
-            self._client = client
+        self._client, self.url, self._owned = _async_client(client)
         self._invalidate = self._client.register_script(INVALIDATE_LUA)
         from .cache_tracker import KeyTracker  # here: cache_tracker imports this module
 

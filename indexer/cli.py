@@ -11,7 +11,6 @@ import logging
 import re
 import sys
 from collections.abc import Callable, Sequence
-from urllib.parse import urlsplit
 
 from .config import Settings, load_settings
 from .errors import ConfigError, IndexerError, mask_url
@@ -53,27 +52,7 @@ def _settings_from(args: argparse.Namespace) -> Settings:
     overrides = {name.removeprefix("setting_"): value for name, value in vars(args).items() if name.startswith("setting_")}
     if getattr(args, "source_database_url", None):
         overrides["source_database_url"] = args.source_database_url
-    settings = load_settings(**overrides)
-    _check_urls(settings)
-    return settings
-
-
-def _check_urls(settings: Settings) -> None:
-    """A URL whose host or port cannot be parsed is a configuration error (exit 2), not a crash later."""
-    for variable, url in (
-        ("DATABASE_URL", settings.database_url),
-        ("SOURCE_DATABASE_URL", settings.source_database_url),
-        ("REDIS_URL", settings.redis_url),
-        ("AMQP_URL", settings.amqp_url),
-    ):
-        if url is None:
-            continue
-        try:
-            parts = urlsplit(url)
-            parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-        except ValueError:
-            # Never echo the URL: it may hold a password.
-            raise ConfigError(f"{variable}: not a valid URL (check the host and port)") from None
+    return load_settings(**overrides)
 
 
 def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:

@@ -7,16 +7,28 @@ URL values are never echoed back (they may carry a password).
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
+from urllib.parse import urlsplit
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from .errors import ConfigError
 
+T = TypeVar("T", str, str | None)
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 # Characters that would turn a key prefix into a glob or break the {org} hash tag.
 _PREFIX_FORBIDDEN = set("{}*?[]\\ \t\r\n")
+
+
+def _parseable(url: T) -> T:
+    """A URL whose host or port cannot be parsed fails here (exit 2), not as a crash later."""
+    if url is not None:
+        try:
+            urlsplit(url).port  # noqa: B018 - raises ValueError for a bad port or host
+        except ValueError:
+            raise ValueError("not a valid URL (check the host and port)") from None
+    return url
 
 
 class Settings(BaseSettings):
@@ -61,21 +73,21 @@ class Settings(BaseSettings):
     def _postgres_url(cls, value: str | None) -> str | None:
         if value is not None and not value.startswith(("postgresql://", "postgres://")):
             raise ValueError("must be a postgresql:// URL")
-        return value
+        return _parseable(value)
 
     @field_validator("redis_url")
     @classmethod
     def _redis_url(cls, value: str) -> str:
         if not value.startswith(("redis://", "rediss://", "unix://")):
             raise ValueError("must be a redis://, rediss:// or unix:// URL")
-        return value
+        return _parseable(value)
 
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:
         if not value.startswith(("amqp://", "amqps://")):
             raise ValueError("must be an amqp:// or amqps:// URL")
-        return value
+        return _parseable(value)
 
     @field_validator("schema_name")
     @classmethod

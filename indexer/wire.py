@@ -52,21 +52,23 @@ JSON_CONTENT_TYPE = "application/json"
 _BINARY_CONTENT_TYPES = frozenset({"", CONTENT_TYPE, "application/octet-stream"})
 _INT64_MAX = 2**63 - 1
 
+# The generated modules of the nine seed files.
+SEED_MODULES = (
+    authentication_pb2,
+    core_pb2,
+    engine_pb2,
+    example_event_pb2,
+    job_pb2,
+    mention_notification_pb2,
+    notification_pb2,
+    task_pb2,
+    trigger_pb2,
+)
 # Every top-level message of the nine seed files, by full name.  Nested and map-entry types are
 # left out on purpose: nobody sends them as an event, so they count as unknown.
 _MESSAGES: dict[str, type[Message]] = {
     descriptor.full_name: getattr(module, name)
-    for module in (
-        authentication_pb2,
-        core_pb2,
-        engine_pb2,
-        example_event_pb2,
-        job_pb2,
-        mention_notification_pb2,
-        notification_pb2,
-        task_pb2,
-        trigger_pb2,
-    )
+    for module in SEED_MODULES
     for name, descriptor in module.DESCRIPTOR.message_types_by_name.items()
 }
 _KINDS: dict[str, Kind] = {f"events.{kind.event_name}": kind for kind in Kind}

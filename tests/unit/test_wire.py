@@ -18,18 +18,9 @@ from hypothesis import strategies as st
 from indexer import wire
 from indexer.changes import CacheRefresh, Change, Kind
 from indexer.errors import BadOrganizationId, BadTimestamp, MissingField, OutOfRange, Refused, TooLarge, Undecodable
-from indexer.events import (
-    authentication_pb2,
-    core_pb2,
-    engine_pb2,
-    example_event_pb2,
-    job_pb2,
-    mention_notification_pb2,
-    notification_pb2,
-    task_pb2,
-    trigger_pb2,
-)
+from indexer.events import core_pb2, job_pb2, mention_notification_pb2, trigger_pb2
 from indexer.timestamps import parse_timestamp
+from indexer.wire import SEED_MODULES
 
 UTC = timezone.utc
 MAX = 64 * 1024
@@ -38,8 +29,7 @@ DATE = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 # Every top-level message of the nine seed files.
 ALL_MESSAGES = sorted(
     descriptor.full_name
-    for module in (authentication_pb2, core_pb2, engine_pb2, example_event_pb2, job_pb2,
-                   mention_notification_pb2, notification_pb2, task_pb2, trigger_pb2)
+    for module in SEED_MODULES
     for descriptor in module.DESCRIPTOR.message_types_by_name.values()
 )
 MENTION_CLASSES = {
