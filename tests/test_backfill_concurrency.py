@@ -15,7 +15,10 @@ from indexer.config import Settings
 from indexer.migrate import migrate
 from indexer.store import Store
 from tests.support.backfill import SourceRow, SourceTable, run_backfill, source_table
+from tests.support.amqp import ready_count
+from tests.support.service import publish_changes, running
 from tests.support.store import at, oracle, read_table
+from tests.support.waiting import eventually
 
 SOURCE_ROWS = 3000
 LIVE_BATCHES = 60
@@ -89,3 +92,36 @@ async def test_backfill_racing_live_changes_converges_on_the_oracle(settings: Se
             assert started <= row.transaction_timestamp <= finished
             row = row._replace(transaction_timestamp=SNAPSHOT)
         assert row == want, mention_id
+
+
+@pytest.mark.slow
+async def test_backfill_while_run_consumes_a_live_stream_converges_on_the_oracle(
+    settings: Settings, source: SourceTable
+) -> None:
+    """The same race end to end: the live changes travel through RabbitMQ to the running service."""
+    rng = random.Random(777)
+    rows = [SourceRow(i, rng.randint(1, 6), at(rng.randint(0, 9))) for i in range(1, 1001)]
+    source.insert(rows)
+    started = datetime.now(timezone.utc)
+    live = live_changes(rng, later_than=started + timedelta(hours=1))[:1500]
+
+    async with running(settings):
+        publishing = asyncio.create_task(publish_changes(settings, live))
+        await run_backfill(settings, source.query(), batch_size=50)
+        backfill_ended_while_publishing = not publishing.done()
+        await publishing
+        expected = oracle(
+            [Change(Kind.INSERTED, r.id, r.org, r.happened_at, SNAPSHOT) for r in rows] + live
+        )
+
+        async def converged() -> bool:
+            got = read_table(settings.database_url, settings.schema_name)
+            return got.keys() == expected.keys() and all(
+                (got[m]._replace(transaction_timestamp=SNAPSHOT) if want.transaction_timestamp == SNAPSHOT else got[m])
+                == want
+                for m, want in expected.items()
+            )
+
+        await eventually(converged, timeout_s=60)
+    assert backfill_ended_while_publishing, "the backfill and the live stream did not overlap"
+    assert await ready_count(settings.amqp_url, settings.dlq) == 0

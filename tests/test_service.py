@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from datetime import datetime, timedelta, timezone
 
 import psycopg
@@ -18,8 +16,8 @@ from indexer.cache import CacheReader, data_key
 from indexer.changes import Kind
 from indexer.config import Settings
 from indexer.events import job_pb2
-from indexer.service import Service
 from tests.support.amqp import drain, publish_raw, ready_count
+from tests.support.service import running
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.services
@@ -39,24 +37,6 @@ def refresh_body(org: str) -> bytes:
     event = wire.build_event(wire.refresh_message())
     event.core.organization_id = org  # set after building: build_event refuses to produce garbage
     return wire.encode(event)
-
-
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Service]:
-    service = Service(settings)
-    task = asyncio.create_task(service.run())
-
-    async def ready() -> bool:
-        if task.done():
-            task.result()
-        return service.health.snapshot()[0]
-
-    await eventually(ready)
-    try:
-        yield service
-    finally:
-        service.request_stop()
-        await asyncio.wait_for(task, 15)
 
 
 async def publish(settings: Settings, bodies: list[bytes], routing_key: str = "events.MentionInserted",
