@@ -134,7 +134,9 @@ class Session:
             self._queue = await declare_topology(channel, settings)
             channel.close_callbacks.add(self._on_close)
             await channel.set_qos(prefetch_count=settings.prefetch)
-            self._dlq_channel = await self._connection.channel(publisher_confirms=True)
+            # on_return_raises: a dead letter the broker cannot route (DLQ deleted under us) must
+            # fail, not count as delivered while the original is acked away.
+            self._dlq_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
             self._dlq_channel.close_callbacks.add(self._on_close)
             # The broker can cancel a consumer and leave its channel open (queue deleted, and so
             # on): nothing would arrive again while all looks well.  Treat it as a lost session,
@@ -236,7 +238,7 @@ class Session:
         headers["x-original-routing-key"] = delivery.routing_key
         headers["x-dead-lettered-at"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         if original.expiration is not None:
-            headers["x-original-expiration"] = str(original.expiration)
+            headers["x-original-expiration"] = str(round(original.expiration * 1000))  # ms, as on the wire
         if original.user_id:
             headers["x-original-user-id"] = original.user_id
         kept = {name: getattr(original, name) for name in _KEPT_PROPERTIES}
@@ -245,6 +247,14 @@ class Session:
         )
         try:
             await self.guard(self._dlq_channel.default_exchange.publish(message, self._settings.dlq, mandatory=True))
+        except aio_pika.exceptions.PublishError:
+            # Routed nowhere: end the session; the next one declares the DLQ again and the batch,
+            # unacknowledged, is redelivered and dead-lettered there.
+            self._lost.set()
+            raise SessionLost("rabbitmq", self._settings.amqp_url, f"dead-letter queue {self._settings.dlq} is missing") from None
+        except aiormq.exceptions.DeliveryError as exc:
+            # Refused (e.g. a full DLQ with reject-publish): wait and try again, never ack the original.
+            raise Unavailable("rabbitmq", self._settings.amqp_url, f"the dead-letter queue refused a message: {exc}") from None
         except CONNECTION_ERRORS as exc:
             raise SessionLost("rabbitmq", self._settings.amqp_url, str(exc) or type(exc).__name__) from None
 
@@ -421,17 +431,13 @@ class DeadLetterQueue:
                     break
                 letter = _letter(message)
                 headers = {k: v for k, v in letter.headers.items() if k not in _DLQ_HEADERS}
+                expiration = headers.pop("x-original-expiration", None)
                 republished = aio_pika.Message(
                     letter.body,
                     headers=headers,
-                    content_type=message.content_type,
-                    content_encoding=message.content_encoding,
-                    correlation_id=message.correlation_id,
-                    message_id=message.message_id,
-                    timestamp=message.timestamp,
-                    type=message.type,
-                    app_id=message.app_id,
                     delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
+                    expiration=int(expiration) / 1000 if expiration else None,  # aio-pika takes seconds
+                    **{name: getattr(message, name) for name in _KEPT_PROPERTIES},
                 )
                 try:
                     await exchange.publish(republished, letter.routing_key, mandatory=True)

@@ -62,7 +62,8 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(1_048_576, ge=1024, validation_alias="INDEXER_MAX_MESSAGE_BYTES")
     retry_initial_s: float = Field(0.2, gt=0, le=60, validation_alias="INDEXER_RETRY_INITIAL_S")
     retry_max_s: float = Field(10.0, gt=0, le=600, validation_alias="INDEXER_RETRY_MAX_S")
-    shutdown_timeout_s: float = Field(8.0, gt=0, le=60, validation_alias="INDEXER_SHUTDOWN_TIMEOUT_S")
+    # SPEC §9: exit within 10 s of SIGTERM; closing connections needs the last half second.
+    shutdown_timeout_s: float = Field(8.0, gt=0, le=9, validation_alias="INDEXER_SHUTDOWN_TIMEOUT_S")
     cache_ttl_s: int = Field(3600, ge=0, validation_alias="INDEXER_CACHE_TTL_S")
     track_direct_keys: Literal["auto", "on", "off"] = Field("auto", validation_alias="INDEXER_TRACK_DIRECT_KEYS")
     log_format: Literal["text", "json"] = Field("text", validation_alias="INDEXER_LOG_FORMAT")

@@ -11,21 +11,28 @@ from __future__ import annotations
 from urllib.parse import urlsplit, urlunsplit
 
 
+_SECRET_PARAMETERS = ("password", "sslpassword")
+
+
 def mask_url(url: str) -> str:
-    """The URL with any password replaced by ``***``, fit for logs and error messages."""
+    """The URL with any password (user-info or ``?password=``) replaced by ``***``, for logs and errors."""
     try:
         parts = urlsplit(url)
     except ValueError:
         return "<unparseable URL>"
-    if parts.password is None:
-        return url
-    host = parts.hostname or ""
-    if ":" in host:  # IPv6 literal
-        host = f"[{host}]"
-    netloc = f"{parts.username or ''}:***@{host}"
-    if parts.port is not None:
-        netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment))
+    query = "&".join(
+        f"{name}=***" if name.lower() in _SECRET_PARAMETERS else (f"{name}={value}" if sep else name)
+        for name, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
+    )
+    netloc = parts.netloc
+    if parts.password is not None:
+        host = parts.hostname or ""
+        if ":" in host:  # IPv6 literal
+            host = f"[{host}]"
+        netloc = f"{parts.username or ''}:***@{host}"
+        if parts.port is not None:
+            netloc += f":{parts.port}"
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 class IndexerError(Exception):

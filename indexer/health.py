@@ -1,8 +1,15 @@
-"""Readiness: ready only while consuming and while every service answered its last call."""
+"""Readiness: ready only while consuming and while every service answered its last call.
+
+A problem is recorded per (service, source): the batch path and the idle probe each clear only
+their own, so a probe's ``SELECT 1`` that works cannot hide an ``INSERT`` that keeps failing.
+"""
 
 from __future__ import annotations
 
 import threading
+
+BATCH = "batch"
+PROBE = "probe"
 
 
 class Health:
@@ -10,20 +17,21 @@ class Health:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()  # read by the HTTP thread
-        self._problems: dict[str, str] = {name: "not connected yet" for name in self.SERVICES}
+        self._problems: dict[tuple[str, str], str] = {(name, BATCH): "not connected yet" for name in self.SERVICES}
         self.stopping = False
 
-    def ok(self, service: str) -> None:
+    def ok(self, service: str, source: str = BATCH) -> None:
         with self._lock:
-            self._problems.pop(service, None)
+            self._problems.pop((service, source), None)
 
-    def failing(self, service: str, detail: str) -> None:
+    def failing(self, service: str, detail: str, source: str = BATCH) -> None:
         with self._lock:
-            self._problems[service] = detail
+            self._problems[(service, source)] = detail
 
     def snapshot(self) -> tuple[bool, dict[str, str]]:
         with self._lock:
-            problems = dict(self._problems)
+            problems = {service if source == BATCH else f"{service} ({source})": detail
+                        for (service, source), detail in self._problems.items()}
         if self.stopping:
             problems["indexer"] = "shutting down"
         return not problems, problems

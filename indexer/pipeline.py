@@ -124,8 +124,8 @@ class Pipeline:
     async def _apply(self, pairs: list[tuple[Change, Inbound]], sink: DeadLetterPort[D], outcome: BatchOutcome) -> None:
         if not pairs:
             return
-        # The store coalesces per mention itself and still reports the organizations named by
-        # the changes it drops, which must be invalidated too.
+        # The whole batch, not coalesced: the store folds it per field (an older change may carry
+        # a field the newest one left out) and reports every organization any of them names.
         changes = [change for change, _ in pairs]
         try:
             result = await self._retry(lambda: self._store.apply(changes), "postgres")

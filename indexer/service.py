@@ -14,14 +14,12 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import psycopg
-
 from . import migrate as migrations
 from .broker import Session
 from .cache import CacheInvalidator
 from .config import Settings
-from .errors import Transient, Unavailable
-from .health import Health
+from .errors import Transient
+from .health import PROBE, Health
 from .http import HttpServer
 from .metrics import Metrics
 from .pipeline import BatchOutcome, Pipeline
@@ -118,12 +116,16 @@ class Service:
             await store.aclose()
             await cache.aclose()
 
-    async def _one_session(self, pipeline: Pipeline) -> None:
+    async def _open_session(self) -> Session:
+        # A new Session per attempt: one that failed half-way is closed and marked lost for good.
         session = Session(self.settings)
         self._session = session
+        await session.open()
+        return session
+
+    async def _one_session(self, pipeline: Pipeline) -> None:
+        session = await self._retry(self._open_session, "rabbitmq")
         try:
-            await self._retry(session.open, "rabbitmq")
-            self.health.ok("rabbitmq")
             while not self._stop.is_set():
                 batch = await session.next_batch(self.settings.batch_size, self.settings.batch_wait_ms)
                 if self._stop.is_set():
@@ -164,23 +166,18 @@ class Service:
 
     async def _probe(self, cache: CacheInvalidator) -> None:
         """Keep /readyz honest while idle: a service may go away between batches."""
-        while True:
-            await asyncio.sleep(PROBE_INTERVAL_S)
-            for service, check in (("postgres", self._probe_postgres), ("redis", cache.ping)):
-                try:
-                    await asyncio.wait_for(check(), PROBE_INTERVAL_S)
-                    self.health.ok(service)
-                except (Transient, asyncio.TimeoutError, OSError) as exc:
-                    self.health.failing(service, str(exc) or type(exc).__name__)
-
-    async def _probe_postgres(self) -> None:
-        # A connection of its own: the store's connection belongs to the batch in hand.
-        try:
-            conn = await psycopg.AsyncConnection.connect(self.settings.database_url, connect_timeout=3, autocommit=True)
-        except psycopg.Error as exc:
-            raise Unavailable("postgres", self.settings.database_url, type(exc).__name__) from None
-        async with conn:
-            await conn.execute("SELECT 1")
+        # A store of its own: the pipeline's connection belongs to the batch in hand.
+        async with Store(self.settings.database_url, self.settings.schema_name) as store:
+            while True:
+                await asyncio.sleep(PROBE_INTERVAL_S)
+                for service, check in (("postgres", store.ping), ("redis", cache.ping)):
+                    try:
+                        await asyncio.wait_for(check(), PROBE_INTERVAL_S)
+                        self.health.ok(service, PROBE)
+                    except asyncio.CancelledError:
+                        raise
+                    except Exception as exc:  # whatever it is, the probe must live on and say so
+                        self.health.failing(service, str(exc) or type(exc).__name__, PROBE)
 
 
 async def _within(awaitable: Awaitable[object], seconds: float) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import psycopg
 from psycopg import sql
@@ -201,7 +201,10 @@ def translate_errors(url: str) -> Iterator[None]:
 
 
 def _without_password(text: str, url: str) -> str:
-    password = urlsplit(url).password
-    for form in {password, unquote(password)} if password else ():
-        text = text.replace(form, "***")
+    parts = urlsplit(url)
+    secrets = {parts.password} if parts.password else set()
+    secrets |= {value for name, value in parse_qsl(parts.query) if name.lower() in ("password", "sslpassword") and value}
+    for secret in secrets:
+        for form in {secret, unquote(secret)}:
+            text = text.replace(form, "***")
     return text

@@ -210,3 +210,19 @@ async def test_a_queue_declared_beforehand_with_other_arguments_is_used_as_it_is
         await eventually(lambda: asyncio.sleep(0, 1 in rows(settings)))
         await settled(settings)
     assert f"queue {settings.queue} exists with other arguments" in caplog.text
+
+
+async def test_a_dead_letter_is_never_lost_when_the_dlq_was_deleted_under_the_indexer(settings: Settings) -> None:
+    import aio_pika
+
+    async with running(settings):
+        connection = await aio_pika.connect(settings.amqp_url)
+        async with connection:
+            channel = await connection.channel()
+            await channel.queue_delete(settings.dlq)
+        await publish(settings, [b"\xff\x00poison", change_body(Kind.INSERTED, 1, 1, at(1))])
+        await eventually(lambda: asyncio.sleep(0, 1 in rows(settings)))
+        await eventually(lambda: ready_count(settings.amqp_url, settings.dlq))
+        await settled(settings)
+    letters = await drain(settings.amqp_url, settings.dlq)
+    assert [m.body for m in letters] == [b"\xff\x00poison"]
