@@ -1,0 +1,78 @@
+"""Names and declarations shared by every RabbitMQ user in the package: connect, the topology,
+the dead-letter header and which properties a dead letter keeps."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+import aio_pika
+import aiormq
+
+from ..config import Settings
+from ..errors import Unavailable
+
+log = logging.getLogger(__name__)
+
+# Properties a dead letter keeps as they were; the others travel as x-original-* headers because
+# the broker would act on them again (expiration) or refuse them from another user (user_id).
+_KEPT_PROPERTIES = (
+    "content_type",
+    "content_encoding",
+    "correlation_id",
+    "reply_to",
+    "message_id",
+    "timestamp",
+    "type",
+    "app_id",
+    "priority",
+)
+ERROR_HEADER = "x-indexer-error"
+
+CONNECTION_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPConnectionError,
+    aiormq.exceptions.ChannelInvalidStateError,
+    ConnectionError,
+    OSError,
+)
+
+
+def queue_arguments(settings: Settings) -> dict[str, Any]:
+    arguments: dict[str, Any] = {"x-queue-type": settings.queue_type}
+    if settings.queue_type == "quorum":
+        # RabbitMQ 4.x gives quorum queues a delivery limit of 20 and then drops the message (we
+        # set no dead-letter exchange on purpose: our DLQ carries a reason).  A message we could
+        # not finish (outage, kill -9) or an operator's `dlq list` must never cost it its life.
+        arguments["x-delivery-limit"] = 2**31 - 1
+    return arguments
+
+
+async def connect(url: str, *, timeout_s: float = 10.0) -> aio_pika.abc.AbstractConnection:
+    try:
+        return await aio_pika.connect(url, timeout=timeout_s)
+    except (*CONNECTION_ERRORS, asyncio.TimeoutError) as exc:
+        raise Unavailable("rabbitmq", url, type(exc).__name__ + (f": {exc}" if str(exc) else "")) from None
+
+
+async def declare_topology(channel: aio_pika.abc.AbstractChannel, settings: Settings) -> aio_pika.abc.AbstractQueue:
+    """Exchange, queue, bindings and dead-letter queue; idempotent, shared by every indexer."""
+    exchange = await channel.declare_exchange(settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    await _declare_queue(channel, settings.dlq, settings)
+    queue = await _declare_queue(channel, settings.queue, settings)
+    for routing_key in settings.routing_keys:
+        await queue.bind(exchange, routing_key)
+    return queue
+
+
+async def _declare_queue(
+    channel: aio_pika.abc.AbstractChannel, name: str, settings: Settings
+) -> aio_pika.abc.AbstractQueue:
+    """Declare ``name`` durable with our arguments; a queue that already exists with other
+    arguments (declared by an operator, a policy or an older version) is used as it is."""
+    try:
+        return await channel.declare_queue(name, durable=True, arguments=queue_arguments(settings))
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        log.warning("queue %s exists with other arguments (%s); using it as it is", name, exc)
+        await channel.reopen()
+        return await channel.declare_queue(name, passive=True)
