@@ -97,17 +97,19 @@ def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     return dlq.main(settings, args)
 
 
-def _org_id(value: str) -> int:
-    # Organization ids are positive: 0 is "no organization" on the wire and consumers refuse it.
-    if not value.isascii() or not value.isdigit() or not 0 < int(value) <= _INT64_MAX:
-        raise argparse.ArgumentTypeError(f"must be a decimal organization id from 1 to 2^63-1, got {value!r}")
-    return int(value)
+def _int64_id(what: str) -> Callable[[str], int]:
+    """A parser for a positive decimal id: 0 is "not set" on the wire and consumers refuse it."""
+
+    def parse(value: str) -> int:
+        if not value.isascii() or not value.isdigit() or not 0 < int(value) <= _INT64_MAX:
+            raise argparse.ArgumentTypeError(f"must be a decimal {what} id from 1 to 2^63-1, got {value!r}")
+        return int(value)
+
+    return parse
 
 
-def _mention_id(value: str) -> int:
-    if not value.isascii() or not value.isdigit() or not 0 < int(value) <= _INT64_MAX:
-        raise argparse.ArgumentTypeError(f"must be a decimal mention id from 1 to 2^63-1, got {value!r}")
-    return int(value)
+_org_id = _int64_id("organization")
+_mention_id = _int64_id("mention")
 
 
 def _positive_int(value: str) -> int:
