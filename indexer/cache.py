@@ -17,9 +17,10 @@ SCAN or KEYS of the keyspace, and never a key outside ``P:{O}:``.
 
 Keys written into ``P:{O}:`` without this helper (a plain SET by another service) are indexed too,
 by the invalidator's key tracker (``cache_tracker``: keyspace notifications, plus one SCAN of
-``P:{*`` when it starts or reconnects, never per event), and each invalidation first waits until
-every key created before it is indexed.  Where the server does not allow that
-(``INDEXER_TRACK_DIRECT_KEYS``), only keys written through the helper are deleted.
+``P:{*`` when it starts or reconnects, in a task of its own, never per event nor inside an
+invalidation), and each invalidation first waits until every key created before it is indexed.
+Where the server does not allow that (``INDEXER_TRACK_DIRECT_KEYS``), only keys written through the
+helper are deleted.
 
 Why a read can never return data older than an acknowledged commit C (the indexer runs: commit C,
 then ``invalidate``, then ack):
@@ -48,6 +49,7 @@ from __future__ import annotations
 import inspect
 import logging
 import math
+import re
 import secrets
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from contextlib import contextmanager
@@ -85,6 +87,19 @@ _TRANSIENT = (
     redis.exceptions.ReadOnlyError,
     redis.exceptions.OutOfMemoryError,
 )
+
+# Error replies, by their code (the reply's first word), that pass once the server recovers: a
+# long script or a blocking command (BUSY), a failed RDB save (MISCONF), too few replicas
+# (NOREPLICAS), a failover or resharding (TRYAGAIN, CLUSTERDOWN, MASTERDOWN), a dataset loading
+# (LOADING), a read-only replica (READONLY), memory full (OOM).  redis-py raises most of them as a
+# plain ResponseError.  Every other reply stays an error that is not retried, NOPERM included:
+# an ACL that forbids the invalidator its commands is a configuration to fix, and the service
+# stopping on it says so louder than an endless not-ready (nothing is acknowledged either way).
+TRANSIENT_REPLIES = frozenset(
+    {"BUSY", "MISCONF", "NOREPLICAS", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "LOADING", "READONLY", "OOM"}
+)
+# How redis-py rewrites the message of an error raised inside a pipeline.
+_IN_PIPELINE = re.compile(r"Command # \d+ \(.*?\) of pipeline caused error: \(?['\"]?", re.DOTALL)
 
 
 def _lua(name: str) -> str:
@@ -204,12 +219,40 @@ def _describe(client: redis.Redis | redis.asyncio.Redis) -> str:
     return f"redis://{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}/{kwargs.get('db', 0)}"
 
 
+def reply_code(exc: redis.exceptions.ResponseError) -> str:
+    """The code of an error reply (``BUSY``, ``ERR``, ``NOPERM``...), also of one raised inside a
+    pipeline; ``ERR`` where none can be told."""
+    code = getattr(exc, "status_code", None)  # redis-py >= 6 strips the codes it knows from the text
+    if code:
+        return str(code)
+    text = str(exc.args[0]) if exc.args else ""
+    annotated = _IN_PIPELINE.match(text)
+    if annotated:
+        text = text[annotated.end() :]
+    word = text.split(" ", 1)[0]
+    return word if word.isascii() and word.isalpha() and word.isupper() else "ERR"
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether a redis-py error may pass by itself (a connection lost, a server busy or failing over)."""
+    if isinstance(exc, (*_TRANSIENT, redis.exceptions.TryAgainError, redis.exceptions.ClusterDownError)):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and reply_code(exc) in TRANSIENT_REPLIES
+
+
+def as_unavailable(url: str, exc: BaseException) -> Unavailable:
+    return Unavailable("redis", url, f"{type(exc).__name__}: {exc}")
+
+
 @contextmanager
 def _unavailable(url: str) -> Iterator[None]:
+    """Transient failures (``is_transient``) as ``Unavailable``; anything else propagates."""
     try:
         yield
-    except _TRANSIENT as exc:
-        raise Unavailable("redis", url, f"{type(exc).__name__}: {exc}") from exc
+    except redis.exceptions.RedisError as exc:
+        if is_transient(exc):
+            raise as_unavailable(url, exc) from exc
+        raise
 
 
 # ---- reader side --------------------------------------------------------------------------------
@@ -341,9 +384,10 @@ class CacheInvalidator:
     Every Redis failure that may pass is raised as ``Unavailable``; nothing is retried here.
     Constructed from a URL it owns its client (``aclose`` closes it).
 
-    The key tracker (``track_direct_keys``, see ``cache_tracker``) starts at the first call of
-    ``ping``, ``invalidate`` or ``invalidate_all``; with ``on`` they raise ``ConfigError`` if the
-    server does not allow it.
+    The key tracker (``track_direct_keys``, see ``cache_tracker``) starts at the first ``ping``,
+    which waits for the start; ``invalidate`` and ``invalidate_all`` never run a start themselves:
+    while tracking is not running they begin one in the background and raise ``Unavailable``.
+    With ``on`` they raise ``ConfigError`` if the server does not allow tracking.
     """
 
     def __init__(
@@ -361,8 +405,10 @@ class CacheInvalidator:
         return cls(settings.redis_url, settings.cache_prefix, track_direct_keys=settings.track_direct_keys)
 
     async def ping(self) -> None:
+        """Redis answers and the key tracker runs (started here if it does not, and waited for)."""
         with _unavailable(self.url):
             await self._client.ping()
+        await self.tracker.start()
         await self.tracker.barrier()
 
     async def invalidate(self, orgs: Iterable[int]) -> int:

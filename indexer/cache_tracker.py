@@ -16,14 +16,22 @@ helper indexes what it writes; ``KeyTracker`` indexes the rest, from keyspace no
   server answers it after every notification queued before it, and the barrier returns once those
   were indexed.  So a key whose SET returned before the invalidation began is deleted by it.  The
   flags are checked at the same time: if someone switched them off, the tracker starts again.
-* Starting (also after a lost connection or lost flags): enable the flags, subscribe, then ONE
-  ``SCAN MATCH P:{*`` to adopt keys that existed before (written while the indexer was down, or
-  whose notification was lost).  A walk per start or reconnection, never per event.  Until the
-  start succeeds the barrier raises ``Unavailable``, so nothing is acknowledged meanwhile.
+* Starting (the first time, and after a lost connection or lost flags): enable the flags,
+  subscribe, then ONE ``SCAN MATCH P:{*`` to adopt keys that existed before (written while the
+  indexer was down, or whose notification was lost).  A walk per start or reconnection, never per
+  event, and never inside an invalidation: a start runs as a task of its own, begun by ``start()``
+  (the invalidator's ``ping``, which waits for it), by a barrier that finds no subscription, or at
+  once when the subscription dies.  Until it has succeeded the barrier raises ``Unavailable``, so
+  the caller retries, acknowledges nothing meanwhile and reports not-ready.
+* A reply that may pass (a BUSY server, a failover: ``cache.is_transient``) is ``Unavailable``;
+  the barrier after it tries again.
 
 ``INDEXER_TRACK_DIRECT_KEYS``: ``auto`` falls back, with one warning, to the keys the helpers
-indexed when the server does not allow this (no CONFIG, no channel permission, no SCAN, Redis < 7);
-``on`` raises ``ConfigError`` instead; ``off`` never tracks.
+indexed when the server does not allow this: a command refused for good (NOPERM: no CONFIG, no
+channel permission, no SCAN; or an unknown command, e.g. a managed Redis without CONFIG), or
+Redis < 7.  ``on`` raises ``ConfigError`` instead; ``off`` never tracks.  Any other error reply
+is taken as transient: falling back on it would leave directly written keys uninvalidated until
+the process restarts.
 
 Not covered: Redis Cluster (notifications are per node; these clients are not cluster clients);
 a TTL set or lengthened on a key after it was indexed (only key creation is observed), and a key
@@ -43,7 +51,7 @@ from typing import TYPE_CHECKING
 import redis.asyncio
 import redis.exceptions
 
-from .cache import _MAX_ORG, _TIMEOUT_S, _TRANSIENT, TRACK_LUA, TrackMode, index_key, registry_key
+from .cache import _MAX_ORG, _TIMEOUT_S, TRACK_LUA, TrackMode, as_unavailable, index_key, registry_key, reply_code
 from .errors import ConfigError, Unavailable, mask_url
 
 if TYPE_CHECKING:
@@ -61,11 +69,31 @@ Tracked = tuple[int, bytes]  # (org, full key name)
 
 
 class _Lost(Exception):
-    """The subscription is gone; the caller retries (the next barrier starts a new one)."""
+    """The subscription is gone; the caller retries (a new one is starting in the background)."""
 
 
 class _Unsupported(Exception):
     """The server cannot give us new-key notifications."""
+
+
+class _Refused:
+    """An error reply read where a pong was due (e.g. BUSY while a script runs)."""
+
+    def __init__(self, error: redis.exceptions.ResponseError) -> None:
+        self.error = error
+
+
+def _refused_for_good(exc: BaseException) -> bool:
+    """A reply that says the server will never allow tracking (see the module doc)."""
+    if isinstance(exc, _Unsupported):
+        return True
+    if not isinstance(exc, redis.exceptions.ResponseError):
+        return False
+    code = reply_code(exc)
+    if isinstance(exc, redis.exceptions.NoPermissionError) or code == "NOPERM":
+        return True
+    text = str(exc).lower()
+    return code == "ERR" and ("unknown command" in text or "unknown subcommand" in text)
 
 
 def _glob_escape(text: str) -> str:
@@ -80,11 +108,13 @@ class _Subscription:
     """One subscribed connection: a task reading events and pongs, a task indexing them in order."""
 
     def __init__(self, conn: redis.asyncio.Connection, parse: Callable[[bytes], Tracked | None],
-                 track: Callable[[list[Tracked]], Awaitable[None]]) -> None:
+                 track: Callable[[list[Tracked]], Awaitable[None]],
+                 lost: Callable[[_Subscription], None]) -> None:
         self.conn = conn
         self.failure: str | None = None
         self._parse = parse
         self._track = track
+        self._lost = lost
         self._queue: asyncio.Queue[object] = asyncio.Queue(_QUEUE)
         self._pongs: collections.deque[asyncio.Future[None]] = collections.deque()
         self._send = asyncio.Lock()
@@ -121,7 +151,8 @@ class _Subscription:
         if self.failure is None:
             self.failure = reason
             if not quiet:
-                log.warning("cache key tracking interrupted (%s); it restarts at the next invalidation", reason)
+                log.warning("cache key tracking interrupted (%s); it restarts in the background", reason)
+            self._lost(self)
         while self._pongs:
             pong = self._pongs.popleft()
             if not pong.done():
@@ -140,7 +171,12 @@ class _Subscription:
     async def _read(self) -> None:
         try:
             while self.failure is None:
-                reply = await self.conn.read_response(timeout=math.inf)
+                try:
+                    reply = await self.conn.read_response(timeout=math.inf)
+                except redis.exceptions.ResponseError as exc:
+                    # A complete reply, in order, in place of our PING's pong: the connection is fine.
+                    await self._queue.put(_Refused(exc))
+                    continue
                 kind = reply[0] if isinstance(reply, list) and reply else None
                 if kind == b"pmessage" and len(reply) == 4 and reply[3] == b"new":
                     tracked = self._parse(reply[2])
@@ -157,17 +193,22 @@ class _Subscription:
                 items = [await self._queue.get()]
                 while len(items) < _BATCH and not self._queue.empty():
                     items.append(self._queue.get_nowait())
-                keys: list[Tracked] = [item for item in items if item is not _PONG]  # type: ignore[misc]
+                keys: list[Tracked] = [item for item in items if isinstance(item, tuple)]
                 if keys:
                     await self._track(keys)
                     if self.failure is not None:
                         return
                 # Only now: every event before these pongs is indexed.
-                for _ in range(len(items) - len(keys)):
-                    if self._pongs:
-                        pong = self._pongs.popleft()
-                        if not pong.done():
-                            pong.set_result(None)
+                for item in items:
+                    if isinstance(item, tuple) or not self._pongs:
+                        continue
+                    pong = self._pongs.popleft()
+                    if pong.done():
+                        continue
+                    if isinstance(item, _Refused):
+                        pong.set_exception(item.error)
+                    else:
+                        pong.set_result(None)
         except Exception as exc:
             self.fail(f"indexing failed: {type(exc).__name__}: {exc}")
 
@@ -195,7 +236,7 @@ class KeyTracker:
         self._pattern = _glob_escape(f"{prefix}:{{") + "*"
         self._disabled = mode == "off"
         self._sub: _Subscription | None = None
-        self._starting: asyncio.Task[_Subscription | None] | None = None
+        self._starting: asyncio.Task[None] | None = None
 
     @property
     def active(self) -> bool | None:
@@ -204,26 +245,34 @@ class KeyTracker:
             return False
         return True if self._sub is not None and self._sub.alive else None
 
+    async def start(self) -> None:
+        """Start tracking unless it runs, and wait for that start (the one SCAN); ``Unavailable``
+        or ``ConfigError`` if it fails.  Not for an invalidation: there the barrier only begins a
+        start, in the background."""
+        if self._disabled or (self._sub is not None and self._sub.alive):
+            return
+        # A start that ended already is stale (its failure too): this begins another.  Shielded:
+        # a caller given up on (a probe's timeout) does not abort the start.
+        await asyncio.shield(self._start_in_background())
+
     async def barrier(self) -> None:
-        """Index every key created before this call; ``Unavailable`` if that cannot be ensured."""
-        for _ in range(2):
-            sub = await self._subscription()
-            if sub is None:
-                return
-            try:
-                _, flags = await asyncio.gather(sub.ping(), self._flags())
-            except _Lost as exc:
-                raise Unavailable("redis", self.url, f"cache key tracking: {exc}") from None
-            except _TRANSIENT as exc:
-                raise Unavailable("redis", self.url, f"{type(exc).__name__}: {exc}") from exc
-            except (redis.exceptions.ResponseError, _Unsupported) as exc:
-                await self._impossible(exc)
-                return
-            if all(flag in flags for flag in _FLAGS):
-                return
-            # Keys created meanwhile sent no event: start again, which adopts them by SCAN.
-            sub.fail(f"{_NOTIFY} lost its {_FLAGS} flags (now {flags!r})")
-        raise Unavailable("redis", self.url, f"{_NOTIFY} keeps losing the {_FLAGS} flags")
+        """Index every key created before this call; ``Unavailable`` if that cannot be ensured,
+        among others while tracking is (re)starting."""
+        sub = self._running()
+        if sub is None:
+            return
+        try:
+            _, flags = await asyncio.gather(sub.ping(), self._flags())
+        except _Lost as exc:
+            raise Unavailable("redis", self.url, f"cache key tracking: {exc}") from None
+        except (redis.exceptions.RedisError, _Unsupported) as exc:
+            await self._refused(exc)
+            return
+        if all(flag in flags for flag in _FLAGS):
+            return
+        # Keys created meanwhile sent no event: start again (in the background), which adopts them by SCAN.
+        sub.fail(f"{_NOTIFY} lost its {_FLAGS} flags (now {flags!r})")
+        raise Unavailable("redis", self.url, f"cache key tracking restarts: {_NOTIFY} lost its {_FLAGS} flags")
 
     async def aclose(self) -> None:
         self._disabled = True
@@ -236,18 +285,42 @@ class KeyTracker:
 
     # ---- starting ----
 
-    async def _subscription(self) -> _Subscription | None:
+    def _running(self) -> _Subscription | None:
+        """The live subscription; None when not tracking.  Otherwise a start is begun (unless one
+        runs) and ``Unavailable`` raised: an invalidation never waits for a start's SCAN."""
         if self._disabled:
             return None
         if self._sub is not None and self._sub.alive:
             return self._sub
-        if self._starting is None or self._starting.done():
-            # A task of its own: a caller given up on (a probe's timeout) does not abort the start.
-            self._starting = asyncio.create_task(self._restart(), name="cache-tracker-start")
-            self._starting.add_done_callback(lambda t: t.cancelled() or t.exception())
-        return await asyncio.shield(self._starting)
+        failed: BaseException | None = None
+        task = self._starting
+        if task is not None and task.done():
+            self._starting = None
+            failed = None if task.cancelled() else task.exception()
+            if isinstance(failed, ConfigError):
+                raise failed
+            if self._disabled:  # fell back
+                return None
+        self._start_in_background()
+        detail = "cache key tracking is starting"
+        if failed is not None:
+            reason = failed.detail if isinstance(failed, Unavailable) else f"{type(failed).__name__}: {failed}"
+            detail += f" (the last attempt failed: {reason})"
+        raise Unavailable("redis", self.url, detail)
 
-    async def _restart(self) -> _Subscription | None:
+    def _start_in_background(self) -> asyncio.Task[None]:
+        if self._starting is None or self._starting.done():
+            self._starting = asyncio.create_task(self._restart(), name="cache-tracker-start")
+            # Its failure is reported by the next barrier or start; never "never retrieved".
+            self._starting.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return self._starting
+
+    def _subscription_lost(self, sub: _Subscription) -> None:
+        """A subscription failed: start a new one at once, so the next barrier need not."""
+        if sub is self._sub and not self._disabled:
+            self._start_in_background()
+
+    async def _restart(self) -> None:
         old, self._sub = self._sub, None
         if old is not None:
             await old.close()
@@ -259,16 +332,20 @@ class KeyTracker:
             except BaseException:
                 await sub.close()
                 raise
-        except _TRANSIENT as exc:
-            raise Unavailable("redis", self.url, f"{type(exc).__name__}: {exc}") from exc
-        except (redis.exceptions.ResponseError, _Unsupported) as exc:
-            await self._impossible(exc)
-            return None
+        except (redis.exceptions.RedisError, _Unsupported) as exc:
+            await self._refused(exc)
+            return
         if self._disabled:  # closed meanwhile (a cancellation swallowed by redis-py)
             await sub.close()
-            return None
+            return
         self._sub = sub
-        return sub
+
+    async def _refused(self, exc: redis.exceptions.RedisError | _Unsupported) -> None:
+        """Fall back (or ``ConfigError``) if the server will never allow tracking; else ``Unavailable``."""
+        if _refused_for_good(exc):
+            await self._impossible(exc)
+            return
+        raise as_unavailable(self.url, exc) from exc
 
     async def _impossible(self, exc: Exception) -> None:
         detail = f"{type(exc).__name__}: {exc}"
@@ -337,7 +414,7 @@ class KeyTracker:
         except BaseException:
             await conn.disconnect(nowait=True)
             raise
-        return _Subscription(conn, self._parse_channel, self._track)
+        return _Subscription(conn, self._parse_channel, self._track, self._subscription_lost)
 
     async def _adopt_existing(self) -> None:
         """The one walk of the keyspace, per start (see the module doc)."""

@@ -7,11 +7,13 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
+from urllib.parse import quote, urlencode
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from indexer.backfill.run import source_connection_options
 from indexer.cache import CacheReader
 from indexer.changes import Change, Kind
 from indexer.config import Settings
@@ -269,3 +271,134 @@ async def test_source_in_another_database(settings: Settings, source: SourceTabl
     finally:
         with psycopg.connect(admin_url, autocommit=True) as conn:
             conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+# ---- the source is only read --------------------------------------------------------------------
+
+
+def relation_exists(settings: Settings, name: str) -> bool:
+    with psycopg.connect(settings.database_url) as conn:
+        return conn.execute("SELECT to_regclass(%s) IS NOT NULL", (name,)).fetchone() == (True,)
+
+
+def source_ids(source: SourceTable) -> list[int]:
+    with psycopg.connect(source.url) as conn:
+        return [row[0] for row in conn.execute(sql.SQL("SELECT id FROM {} ORDER BY id").format(source.table))]
+
+
+COLUMNS = "id AS mention_id, org AS organization_id, happened_at AS mention_date"
+
+
+def test_stacked_statements_are_refused_and_never_run(settings: Settings, source: SourceTable) -> None:
+    source.insert(rows(5))
+    s = source.schema
+    for query in (
+        # Closes the wrapping subquery, stacks its own statements, reopens one for the rest.
+        f"SELECT {COLUMNS} FROM {s}.posts) AS s; CREATE TABLE {s}.stacked (x int); SELECT * FROM (SELECT 1",
+        f"SELECT {COLUMNS} FROM {s}.posts) AS s; DELETE FROM {s}.posts; SELECT * FROM (SELECT 1",
+    ):
+        done = cli(settings, "--source-query", query)
+        assert done.returncode == 2, done.stderr
+        assert "the source query must be a single SELECT" in done.stderr
+    assert not relation_exists(settings, f"{s}.stacked")
+    assert source_ids(source) == [1, 2, 3, 4, 5]
+    assert table(settings) == {}
+
+
+def test_data_modifying_query_is_refused_and_changes_nothing(settings: Settings, source: SourceTable) -> None:
+    source.insert(rows(5))
+    s = source.schema
+    query = f"WITH d AS (DELETE FROM {s}.posts WHERE id > 2 RETURNING *) SELECT {COLUMNS} FROM d"
+    done = cli(settings, "--source-query", query)
+    assert done.returncode == 2, done.stderr
+    assert "the source query must be a single SELECT that only reads" in done.stderr
+    assert source_ids(source) == [1, 2, 3, 4, 5]
+    assert table(settings) == {}
+
+
+def test_a_query_calling_a_writing_function_is_refused_and_writes_nothing(
+    settings: Settings, source: SourceTable
+) -> None:
+    source.insert(rows(5))
+    s = source.schema
+    source.execute(
+        f"CREATE TABLE {s}.log (at timestamptz);"
+        f" CREATE FUNCTION {s}.logged(bigint) RETURNS bigint LANGUAGE plpgsql AS"
+        f" $$ BEGIN INSERT INTO {s}.log VALUES (now()); RETURN $1; END $$"
+    )
+    done = cli(settings, "--source-query", f"SELECT {s}.logged(id) AS mention_id, org AS organization_id,"
+               f" happened_at AS mention_date FROM {s}.posts")
+    assert done.returncode == 2, done.stderr
+    assert "only reads" in done.stderr and "read-only transaction" in done.stderr
+    with psycopg.connect(source.url) as conn:
+        assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(s, "log"))).fetchone() == (0,)
+    assert table(settings) == {}
+
+
+def test_stacked_statements_cannot_hide_from_the_check_in_a_copy(settings: Settings, source: SourceTable) -> None:
+    # A single statement while checked; once it has switched standard_conforming_strings off
+    # (when the count runs it), the same text reads as several statements: those of the COPY.
+    # Only the extended protocol, for the COPY too, stops them.
+    source.insert(rows(5))
+    s = source.schema
+    hidden = (
+        f" IS NOT NULL) AS source) TO STDOUT (FORMAT BINARY); COMMIT; BEGIN READ WRITE;"
+        f" CREATE TABLE {s}.sneaked (x int); COMMIT; BEGIN; COPY (SELECT * FROM (SELECT 1 AS mention_id --"
+    )
+    query = (
+        f"SELECT {COLUMNS} FROM {s}.posts"
+        f" WHERE set_config('standard_conforming_strings', 'off', false) IS NOT NULL AND 'x\\' <> '{hidden}'"
+    )
+    done = cli(settings, "--source-query", query)
+    assert not relation_exists(settings, f"{s}.sneaked")
+    assert done.returncode == 2, done.stderr
+    assert "the source query must be a single SELECT" in done.stderr
+    assert table(settings) == {}
+
+
+async def test_the_source_session_is_read_only_and_keeps_the_urls_options(
+    settings: Settings, source: SourceTable
+) -> None:
+    source.insert(rows(5))
+    # The URL's own options (a search_path, so the query needs no schema) are kept next to ours.
+    options = f"-c search_path={source.schema}"
+    query_string = urlencode({"options": options}, quote_via=quote)
+    url = f"{settings.database_url}{'&' if '?' in settings.database_url else '?'}{query_string}"
+    query = (
+        f"SELECT {COLUMNS} FROM posts"
+        " WHERE current_setting('default_transaction_read_only')::boolean"
+        " AND current_setting('transaction_read_only')::boolean"
+    )
+    report = await run_backfill(settings.model_copy(update={"source_database_url": url}), query)
+    assert report.counts.inserted == 5
+
+
+def test_source_options_are_merged(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PGOPTIONS", "-c work_mem=64MB")
+    read_only = "-c default_transaction_read_only=on"
+    assert source_connection_options("postgresql://h/db")["options"] == f"-c work_mem=64MB {read_only}"
+    # Options in the URL replace PGOPTIONS, as libpq has it.
+    url = "postgresql://h/db?options=-c%20statement_timeout%3D5s"
+    assert source_connection_options(url)["options"] == f"-c statement_timeout=5s {read_only}"
+    monkeypatch.delenv("PGOPTIONS")
+    assert source_connection_options("postgresql://h/db")["options"] == read_only
+
+
+@pytest.mark.parametrize("parameter", ["password", "sslpassword"])
+async def test_a_password_in_the_query_string_is_not_recorded(
+    settings: Settings, source: SourceTable, parameter: str
+) -> None:
+    source.insert(rows(3))
+    secret = "hunter2-in-the-query"
+    url = f"{settings.database_url}{'&' if '?' in settings.database_url else '?'}{parameter}={secret}"
+    await run_backfill(settings.model_copy(update={"source_database_url": url}), source.query())
+    (checkpoint,) = checkpoints(settings)
+    assert secret not in str(checkpoint["description"])
+    assert "***" in str(checkpoint["description"])
+
+
+def test_a_password_in_the_query_string_is_masked_in_messages(settings: Settings, source: SourceTable) -> None:
+    done = cli(settings, source_url="postgresql://someone@127.0.0.1:1/nothing?password=hunter2")
+    assert done.returncode == 1
+    assert "postgresql://someone@127.0.0.1:1/nothing" in done.stderr
+    assert "hunter2" not in done.stderr + done.stdout

@@ -90,6 +90,7 @@ async def test_invalidating_one_org_touches_only_that_org(
     prefix = settings.cache_prefix
     url = restricted_url(org_patterns(prefix, 1))
     async with CacheInvalidator(url, prefix) as inv:
+        await inv.ping()
         assert await inv.invalidate([1]) == 2
         # Control: org 2 is out of bounds for this user, so the ACL does bite on this path.
         with pytest.raises(redis.exceptions.NoPermissionError):
@@ -104,6 +105,7 @@ async def test_invalidate_all_scans_only_its_registry(
 ) -> None:
     prefix = settings.cache_prefix
     async with CacheInvalidator(restricted_url([f"{prefix}:*"]), prefix) as inv:
+        await inv.ping()
         assert await inv.invalidate_all() == 4
     assert [admin.get(name) for name in populated] == [b"foreign", b"foreign"]
 
@@ -149,6 +151,7 @@ async def test_key_tracking_needs_permissions_auto_falls_back_on_refuses(
     url = restricted_url([f"{prefix}:*"])
     async with CacheInvalidator(url, prefix) as inv:
         with caplog.at_level(logging.WARNING, logger="indexer.cache_tracker"):
+            await inv.ping()
             assert await inv.invalidate([1]) == 2
             assert await inv.invalidate_all() == 2
         assert inv.tracker.active is False

@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from typing import Any, TypeVar
 
 import pytest
 import redis
@@ -20,6 +20,8 @@ from indexer import cache, cache_tracker
 from indexer.cache import AsyncCacheReader, CacheInvalidator
 from indexer.config import Settings, load_settings
 from indexer.errors import ConfigError, Unavailable
+
+T = TypeVar("T")
 
 
 @pytest.fixture
@@ -37,6 +39,7 @@ def admin(settings: Settings) -> Iterator[redis.Redis]:
 @pytest.fixture
 async def invalidator(settings: Settings) -> AsyncIterator[CacheInvalidator]:
     async with CacheInvalidator.from_settings(settings) as inv:
+        await inv.ping()  # as the service does first: starts the key tracker and waits for it
         yield inv
 
 
@@ -59,6 +62,22 @@ def outsiders(admin: redis.Redis, prefix: str) -> Iterator[list[str]]:
 
 def assert_untouched(admin: redis.Redis, names: list[str]) -> None:
     assert [admin.get(name) for name in names] == [b"outsider"] * len(names)
+
+
+async def retrying(call: Callable[[], Awaitable[T]], *, within_s: float = 5.0) -> tuple[T, int]:
+    """``call()`` again while it raises ``Unavailable``, as the caller's retry loop does (holding
+    the ack meanwhile); its result and how many times it was unavailable."""
+    deadline = asyncio.get_running_loop().time() + within_s
+    unavailable = 0
+    while True:
+        try:
+            return await call(), unavailable
+        except Unavailable as exc:
+            assert exc.service == "redis"
+            unavailable += 1
+            if asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.01)
 
 
 def tracker_connection(admin: redis.Redis, inv: CacheInvalidator) -> dict[str, Any]:
@@ -114,7 +133,12 @@ async def test_key_written_before_the_invalidator_started_is_adopted(
     async with CacheInvalidator.from_settings(settings) as inv:
         assert inv.tracker.active is None  # lazy: nothing happens before the first call
         admin.set(f"{prefix}:{{42}}:lazy", b"direct")
-        assert await inv.invalidate([42]) == 3
+        # An invalidation never runs the start (and its SCAN) itself: it begins it in the
+        # background and is unavailable until it is done.
+        with pytest.raises(Unavailable, match="cache key tracking is starting"):
+            await inv.invalidate([42])
+        assert (await retrying(lambda: inv.invalidate([42])))[0] == 3
+        assert inv.tracker.active is True
     assert admin.exists(f"{prefix}:{{42}}:old", f"{prefix}:{{42}}:older", f"{prefix}:{{42}}:lazy") == 0
     assert_untouched(admin, outsiders)
 
@@ -248,22 +272,15 @@ async def test_killed_subscription_is_restored_and_catches_up(
     invalidator: CacheInvalidator, admin: redis.Redis, prefix: str, outsiders: list[str]
 ) -> None:
     await invalidator.ping()
-    unavailable = 0
     for round_ in range(10):
         killed = tracker_connection(admin, invalidator)
         assert admin.client_kill_filter(_id=killed["id"]) == 1
         name = f"{prefix}:{{42}}:written-while-down-{round_}"
         admin.set(name, b"direct")  # its notification is lost with the connection
-        for attempt in range(3):
-            try:
-                assert await invalidator.invalidate([42]) == 1
-                break
-            except Unavailable as exc:  # the caller's retry loop holds the ack meanwhile
-                assert exc.service == "redis" and attempt < 2
-                unavailable += 1
+        # Unavailable (the caller's retry loop holds the ack) until the restart, in the background, is done.
+        assert (await retrying(lambda: invalidator.invalidate([42]), within_s=2))[0] == 1
         assert admin.exists(name) == 0, f"round {round_}"
         assert tracker_connection(admin, invalidator)["id"] != killed["id"]  # subscribed again
-    assert unavailable <= 10
     assert_untouched(admin, outsiders)
 
 
@@ -281,13 +298,14 @@ async def test_lost_notification_flags_restart_the_tracker(
 
     monkeypatch.setattr(tracker, "_flags", flags)
     admin.set(f"{prefix}:{{42}}:foo", b"direct")
-    assert await invalidator.invalidate([42]) == 1
+    assert (await retrying(lambda: invalidator.invalidate([42])))[0] == 1
     assert tracker_connection(admin, invalidator)["id"] != first
 
 
 async def test_failed_start_is_retried(
-    invalidator: CacheInvalidator, admin: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+    settings: Settings, admin: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    invalidator = CacheInvalidator.from_settings(settings)
     tracker = invalidator.tracker
     real_adopt = tracker._adopt_existing
 
@@ -295,7 +313,10 @@ async def test_failed_start_is_retried(
         raise redis.exceptions.ConnectionError("connection reset by peer")
 
     monkeypatch.setattr(tracker, "_adopt_existing", broken)
-    with pytest.raises(Unavailable):
+    with pytest.raises(Unavailable, match="connection reset by peer"):
+        await invalidator.ping()
+    # An invalidation begins the next attempt and is unavailable, telling why the last one failed.
+    with pytest.raises(Unavailable, match="cache key tracking is starting"):
         await invalidator.invalidate([42])
     assert tracker.active is None
     for _ in range(100):  # the subscription opened for that start is closed
@@ -307,7 +328,10 @@ async def test_failed_start_is_retried(
 
     monkeypatch.setattr(tracker, "_adopt_existing", real_adopt)
     admin.set(f"{prefix}:{{42}}:foo", b"direct")
-    assert await invalidator.invalidate([42]) == 1
+    try:
+        assert (await retrying(lambda: invalidator.invalidate([42])))[0] == 1
+    finally:
+        await invalidator.aclose()
 
 
 async def test_auto_falls_back_once_with_a_warning(
@@ -321,6 +345,7 @@ async def test_auto_falls_back_once_with_a_warning(
         monkeypatch.setattr(inv.tracker, "_flags", no_config)
         with caplog.at_level(logging.WARNING, logger="indexer.cache_tracker"):
             admin.set(f"{prefix}:{{42}}:direct", b"direct")
+            await inv.ping()
             assert await inv.invalidate([42]) == 0
             assert await inv.invalidate([42]) == 0
         assert inv.tracker.active is False

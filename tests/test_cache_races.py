@@ -35,6 +35,7 @@ def prefix_of(settings: Settings) -> str:
 @pytest.fixture
 async def invalidator(settings: Settings) -> AsyncIterator[CacheInvalidator]:
     async with CacheInvalidator.from_settings(settings) as inv:
+        await inv.ping()  # as the service does first: starts the key tracker (see CacheInvalidator)
         yield inv
 
 
@@ -78,6 +79,7 @@ def test_sync_fill_after_an_invalidation_is_refused(settings: Settings, admin: r
 
         async def invalidate() -> None:
             async with CacheInvalidator.from_settings(settings) as inv:
+                await inv.ping()
                 await inv.invalidate([1])
 
         asyncio.run(invalidate())

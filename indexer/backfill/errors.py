@@ -12,6 +12,9 @@ from ..errors import ConfigError, IndexerError, mask_url
 from ..store import translate_errors
 
 
+_ONLY_READS = "the source query must be a single SELECT that only reads"
+
+
 @contextmanager
 def source_errors(url: str) -> Iterator[None]:
     """``Unavailable``/``Conflict`` as everywhere; a query Postgres rejects, or a value it cannot
@@ -19,6 +22,18 @@ def source_errors(url: str) -> Iterator[None]:
     try:
         with translate_errors(url):
             yield
+    except pg.SyntaxError as exc:
+        # The source's statements go over the extended protocol, which takes one statement only.
+        if "multiple commands" in _message(exc):
+            raise ConfigError(f"{_ONLY_READS}; it contains several statements (separated by ';')") from None
+        raise ConfigError(f"the source query fails at {mask_url(url)}: {_message(exc)}") from None
+    except pg.ReadOnlySqlTransaction as exc:  # the source is read in read-only transactions
+        raise ConfigError(f"{_ONLY_READS}: {_message(exc)}") from None
+    except pg.FeatureNotSupported as exc:
+        # The query becomes a subquery: a data-modifying WITH (DELETE ... RETURNING) is refused there.
+        if "data-modifying" in _message(exc):
+            raise ConfigError(f"{_ONLY_READS}; it contains INSERT, UPDATE, DELETE or MERGE: {_message(exc)}") from None
+        raise ConfigError(f"the source query fails at {mask_url(url)}: {_message(exc)}") from None
     except psycopg.ProgrammingError as exc:  # SQLSTATE class 42: syntax, names, types, privileges
         raise ConfigError(f"the source query fails at {mask_url(url)}: {_message(exc)}") from None
     except (psycopg.DataError, psycopg.IntegrityError) as exc:

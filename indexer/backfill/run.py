@@ -1,9 +1,21 @@
 """One backfill run: checks, then chunk after chunk, each committed with its checkpoint and then
-invalidated (see the package docstring for the rules)."""
+invalidated (see the package docstring for the rules).
+
+The source is only ever read, whatever the query (``--source-query`` is the operator's SQL):
+
+* its session defaults to read-only transactions (``default_transaction_read_only``, added to any
+  ``options`` the URL or ``PGOPTIONS`` sets), and every statement that contains the query runs in
+  an explicit ``READ ONLY`` transaction, which nothing inside it can turn read-write;
+* every statement goes over the extended query protocol (``_OneStatement``), COPY included, which
+  refuses a text of more than one statement: a query cannot close our wrapping and stack its own
+  statements after it, however it plays with quoting (it could even change
+  ``standard_conforming_strings`` between two of our statements).
+"""
 
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from collections.abc import AsyncIterator, Iterable
 from contextlib import aclosing
@@ -13,6 +25,7 @@ from typing import Protocol, TextIO
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from ..errors import Conflict
 from ..migrate import migrate_async
@@ -30,6 +43,7 @@ _CONFLICT_ATTEMPTS = 5  # a chunk aborted by Postgres (e.g. a standby's recovery
 
 
 class Invalidator(Protocol):
+    async def ping(self) -> None: ...
     async def invalidate(self, orgs: Iterable[int]) -> int: ...
 
 
@@ -73,8 +87,12 @@ async def backfill(options: Options, cache: Invalidator, *, progress_stream: Tex
     query = normalized(options.query)
     if not options.dry_run:
         await migrate_async(options.target_url, options.schema)
+        # Starts the cache's key tracker (its one SCAN) now, not inside the first invalidation.
+        await retry_transient(
+            cache.ping, what="redis", initial_s=options.retry_initial_s, max_s=options.retry_max_s
+        )
     with source_errors(options.source_url):
-        source_conn = await _connect(options.source_url)
+        source_conn = await _connect_source(options.source_url)
     try:
         with target_errors(options.target_url, options.schema):
             target_conn = await _connect(options.target_url)
@@ -89,6 +107,40 @@ async def backfill(options: Options, cache: Invalidator, *, progress_stream: Tex
 
 async def _connect(url: str) -> psycopg.AsyncConnection:
     return await psycopg.AsyncConnection.connect(url, autocommit=True, **connection_options(_CONNECT_TIMEOUT_S))
+
+
+class _OneStatement(psycopg.AsyncCursor):
+    """A cursor that sends every statement, COPY included, over the extended query protocol,
+    which takes exactly one statement (psycopg would use the simple protocol, which runs any
+    number, for a statement without parameters, and always for COPY).  ``_execute_send`` is
+    psycopg's (3.0 to 3.3 at least); should a release stop calling it,
+    ``test_stacked_statements_cannot_hide_from_the_check_in_a_copy`` fails."""
+
+    def _execute_send(self, query: object, *, force_extended: bool = False, binary: bool | None = None) -> None:
+        super()._execute_send(query, force_extended=True, binary=binary)  # type: ignore[arg-type]
+
+
+_READ_ONLY = "-c default_transaction_read_only=on"
+
+
+def source_connection_options(url: str) -> dict[str, object]:
+    """``connection_options`` for the source, whose session defaults to read-only transactions.
+
+    libpq takes one ``options``: given here, it replaces the URL's and ``PGOPTIONS``, so theirs are
+    kept in front (a later ``-c`` wins: ours)."""
+    options = connection_options(_CONNECT_TIMEOUT_S)
+    given = conninfo_to_dict(url).get("options")
+    if given is None:
+        given = os.environ.get("PGOPTIONS")
+    parts = (str(given or "").strip(), str(options.get("options") or "").strip(), _READ_ONLY)
+    options["options"] = " ".join(part for part in parts if part)
+    return options
+
+
+async def _connect_source(url: str) -> psycopg.AsyncConnection:
+    return await psycopg.AsyncConnection.connect(
+        url, autocommit=True, cursor_factory=_OneStatement, **source_connection_options(url)
+    )
 
 
 class _Run:
@@ -115,13 +167,15 @@ class _Run:
             # default; each chunk is one snapshot (REPEATABLE READ), read-only.
             await self._src.execute("SET TIME ZONE 'UTC'")
             await self._src.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
-            await self._src.set_read_only(True)
-            # Column names first, before anything is streamed or written.
-            cursor = await self._src.execute(describe_query(self._query))
-            columns = [column.name for column in cursor.description or ()]
-            self._source = Source.checked(self._query, options.organizations, columns)
-            # Planning a chunk checks that every column casts to the read model's type.
-            await self._src.execute(self._source.chunk(None, 0))
+            await self._src.set_read_only(True)  # every transaction() below: BEGIN ... READ ONLY
+            async with self._src.transaction():
+                # Column names first, before anything is streamed or written.  (One statement,
+                # or the extended protocol refuses it: see the module doc.)
+                cursor = await self._src.execute(describe_query(self._query))
+                columns = [column.name for column in cursor.description or ()]
+                self._source = Source.checked(self._query, options.organizations, columns)
+                # Planning a chunk checks that every column casts to the read model's type.
+                await self._src.execute(self._source.chunk(None, 0))
         self._target = Target(self._tgt, options.schema, self._source.organizations)
         name, description = self._source.checkpoint_name(options.source_url)
 
@@ -145,8 +199,9 @@ class _Run:
         resumed_after = after
 
         with source_errors(options.source_url):
-            cursor = await self._src.execute(self._source.count(after))
-            row = await cursor.fetchone()
+            async with self._src.transaction():
+                cursor = await self._src.execute(self._source.count(after))
+                row = await cursor.fetchone()
         progress = Progress("backfill", row[0] if row else None, progress_stream)
         total = Counts()
         try:

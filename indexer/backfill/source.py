@@ -4,7 +4,9 @@ The user's query is wrapped, never edited: ``SELECT <the five columns, cast> FRO
 source WHERE <scope and keyset> ORDER BY source.mention_id LIMIT n``.  Filtering and ordering on
 the source's own ``mention_id`` lets Postgres push the keyset into a plain table query and walk
 its primary key.  Statements that contain the user's query are sent without parameters, so a
-``%`` in it is never taken for a placeholder; the values we add are SQL literals.
+``%`` in it is never taken for a placeholder; the values we add are SQL literals.  They are sent
+one at a time over the extended protocol, in read-only transactions (``run``'s module doc), so the
+query cannot stack statements of its own after the wrapping.
 """
 
 from __future__ import annotations
