@@ -11,7 +11,7 @@ import aio_pika
 import aiormq
 
 from ..config import Settings
-from ..errors import Unavailable
+from ..errors import ConfigError, Unavailable, mask_url
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,13 @@ async def connect(url: str, *, timeout_s: float = 10.0) -> aio_pika.abc.Abstract
 
 async def declare_topology(channel: aio_pika.abc.AbstractChannel, settings: Settings) -> aio_pika.abc.AbstractQueue:
     """Exchange, queue, bindings and dead-letter queue; idempotent, shared by every indexer."""
-    exchange = await channel.declare_exchange(settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    try:
+        exchange = await channel.declare_exchange(settings.exchange, aio_pika.ExchangeType.TOPIC, durable=True)
+    except aiormq.exceptions.ChannelPreconditionFailed as exc:
+        raise ConfigError(
+            f"INDEXER_EXCHANGE: exchange {settings.exchange!r} at {mask_url(settings.amqp_url)} exists with other "
+            f"properties ({exc}); the indexer needs a durable topic exchange: choose another name or delete that one"
+        ) from None
     await _declare_queue(channel, settings.dlq, settings)
     queue = await _declare_queue(channel, settings.queue, settings)
     for routing_key in settings.routing_keys:
