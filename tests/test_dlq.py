@@ -22,7 +22,8 @@ from indexer.broker import queue_arguments
 from indexer.changes import Kind
 from indexer.config import Settings
 from tests.support.amqp import drain, publish_raw, ready_count
-from tests.support.commands import arun_cli, call_main, cli_env, command, rows, run_cli, running
+from tests.support.commands import arun_cli, call_main, cli_env, command, rows, run_cli
+from tests.support.service import running
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.services

@@ -21,7 +21,16 @@ from indexer.config import Settings
 from indexer.events import core_pb2, mention_notification_pb2, trigger_pb2
 from indexer.timestamps import parse_timestamp
 from tests.support.amqp import declare_exchange
-from tests.support.commands import arun_cli, call_main, cli_env, fill, rows, running, take_all, tap
+from tests.support.commands import (
+    arun_cli,
+    call_main,
+    cli_env,
+    fill,
+    rows,
+    take_all,
+    tap,
+)
+from tests.support.service import running
 from tests.support.waiting import eventually
 
 pytestmark = pytest.mark.services

@@ -16,7 +16,6 @@ import pytest
 from indexer import cli
 from indexer.cache import CacheReader, data_key
 from indexer.config import Settings
-from indexer.service import Service
 from tests.support.waiting import eventually
 
 _OWN_VARIABLES = ("DATABASE_URL", "SOURCE_DATABASE_URL", "REDIS_URL", "AMQP_URL")
@@ -85,25 +84,6 @@ def call_main(
         code = exit_.code if isinstance(exit_.code, int) else 1
     out, err = capsys.readouterr()
     return Result(code, out, err)
-
-
-@asynccontextmanager
-async def running(settings: Settings) -> AsyncIterator[Service]:
-    """An indexer in this process, ready (consuming) on entry, stopped cleanly on exit."""
-    service = Service(settings)
-    task = asyncio.create_task(service.run())
-
-    async def ready() -> bool:
-        if task.done():
-            task.result()
-        return service.health.snapshot()[0]
-
-    await eventually(ready)
-    try:
-        yield service
-    finally:
-        service.request_stop()
-        await asyncio.wait_for(task, 15)
 
 
 def fill(settings: Settings, org: int, key: str, value: bytes = b"cached") -> str:
