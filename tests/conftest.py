@@ -13,6 +13,8 @@ import redis
 from indexer.config import Settings, load_settings
 from tests.support.services import ServiceUrls, resolve
 
+pytest_plugins = ["tests.support.cache_fixtures"]
+
 
 @pytest.fixture(scope="session")
 def services() -> Iterator[ServiceUrls]:

@@ -28,25 +28,6 @@ class Loader:
 
 
 @pytest.fixture
-def prefix(settings: Settings) -> str:
-    return settings.cache_prefix
-
-
-@pytest.fixture
-def admin(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-async def invalidator(settings: Settings) -> AsyncIterator[CacheInvalidator]:
-    async with CacheInvalidator.from_settings(settings) as inv:
-        await inv.ping()  # as the service does first: starts the key tracker (see CacheInvalidator)
-        yield inv
-
-
-@pytest.fixture
 async def reader(settings: Settings) -> AsyncIterator[AsyncCacheReader]:
     async with AsyncCacheReader.from_settings(settings) as r:
         yield r

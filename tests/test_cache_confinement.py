@@ -26,13 +26,6 @@ RestrictedUrl = Callable[[list[str]], str]
 
 
 @pytest.fixture
-def admin(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
 def restricted_url(admin: redis.Redis, settings: Settings) -> Iterator[RestrictedUrl]:
     """Makes an ACL user confined to key patterns, without scanning commands; its URL."""
     users: list[str] = []

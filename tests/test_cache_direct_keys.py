@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -22,25 +22,6 @@ from indexer.config import Settings, load_settings
 from indexer.errors import ConfigError, Unavailable
 
 T = TypeVar("T")
-
-
-@pytest.fixture
-def prefix(settings: Settings) -> str:
-    return settings.cache_prefix
-
-
-@pytest.fixture
-def admin(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-async def invalidator(settings: Settings) -> AsyncIterator[CacheInvalidator]:
-    async with CacheInvalidator.from_settings(settings) as inv:
-        await inv.ping()  # as the service does first: starts the key tracker and waits for it
-        yield inv
 
 
 @pytest.fixture

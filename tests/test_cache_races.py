@@ -10,7 +10,7 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 import pytest
 import redis
@@ -21,32 +21,13 @@ from indexer.config import Settings
 
 
 @pytest.fixture
-def admin(settings: Settings) -> Iterator[redis.Redis]:
-    client = redis.Redis.from_url(settings.redis_url)
-    yield client
-    client.close()
-
-
-@pytest.fixture
-def prefix_of(settings: Settings) -> str:
-    return settings.cache_prefix
-
-
-@pytest.fixture
-async def invalidator(settings: Settings) -> AsyncIterator[CacheInvalidator]:
-    async with CacheInvalidator.from_settings(settings) as inv:
-        await inv.ping()  # as the service does first: starts the key tracker (see CacheInvalidator)
-        yield inv
-
-
-@pytest.fixture
 async def reader(settings: Settings) -> AsyncIterator[AsyncCacheReader]:
     async with AsyncCacheReader.from_settings(settings) as r:
         yield r
 
 
 async def test_fill_after_an_invalidation_is_refused(
-    reader: AsyncCacheReader, invalidator: CacheInvalidator, admin: redis.Redis, prefix_of: str
+    reader: AsyncCacheReader, invalidator: CacheInvalidator, admin: redis.Redis, prefix: str
 ) -> None:
     database = {"version": 1}
 
@@ -57,7 +38,7 @@ async def test_fill_after_an_invalidation_is_refused(
         return str(loaded)
 
     assert await reader.get_or_fill(1, "k", slow_loader) == b"1"  # the caller still gets its value
-    assert admin.exists(cache.data_key(prefix_of, 1, "k")) == 0
+    assert admin.exists(cache.data_key(prefix, 1, "k")) == 0
 
     calls = []
 
@@ -93,16 +74,16 @@ def test_sync_fill_after_an_invalidation_is_refused(settings: Settings, admin: r
 
 
 async def test_fill_is_refused_when_the_epoch_was_evicted(
-    reader: AsyncCacheReader, admin: redis.Redis, prefix_of: str
+    reader: AsyncCacheReader, admin: redis.Redis, prefix: str
 ) -> None:
     def loader() -> bytes:
-        admin.delete(cache.epoch_key(prefix_of, 1))  # as maxmemory eviction would
+        admin.delete(cache.epoch_key(prefix, 1))  # as maxmemory eviction would
         return b"v"
 
     assert await reader.get_or_fill(1, "k", loader) == b"v"
-    assert admin.exists(cache.data_key(prefix_of, 1, "k")) == 0
+    assert admin.exists(cache.data_key(prefix, 1, "k")) == 0
     assert await reader.get_or_fill(1, "k", lambda: b"w") == b"w"
-    assert admin.get(cache.data_key(prefix_of, 1, "k")) == b"w"
+    assert admin.get(cache.data_key(prefix, 1, "k")) == b"w"
 
 
 class Database:

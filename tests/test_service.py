@@ -5,10 +5,8 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 
-import psycopg
 import pytest
 import redis
-from psycopg import sql
 
 from indexer import wire
 from indexer.broker import ERROR_HEADER
@@ -17,6 +15,7 @@ from indexer.changes import Kind
 from indexer.config import Settings
 from indexer.events import job_pb2
 from tests.support.amqp import drain, publish_raw, ready_count
+from tests.support.commands import rows
 from tests.support.service import running
 from tests.support.waiting import eventually
 
@@ -42,15 +41,6 @@ def refresh_body(org: str) -> bytes:
 async def publish(settings: Settings, bodies: list[bytes], routing_key: str = "events.MentionInserted",
                   content_type: str | None = wire.CONTENT_TYPE) -> None:
     await publish_raw(settings.amqp_url, settings.exchange, routing_key, bodies, content_type=content_type)
-
-
-def rows(settings: Settings) -> dict[int, tuple[int, datetime | None, datetime, bool]]:
-    with psycopg.connect(settings.database_url) as conn:
-        result = conn.execute(
-            sql.SQL("SELECT mention_id, organization_id, mention_date, transaction_timestamp, deleted FROM {}.mentions")
-            .format(sql.Identifier(settings.schema_name))
-        ).fetchall()
-    return {r[0]: (r[1], r[2], r[3], r[4]) for r in result}
 
 
 async def settled(settings: Settings) -> None:
