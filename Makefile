@@ -7,10 +7,10 @@ PYTEST_ARGS ?=
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q -e '.[test,dev,otel]'
 	touch $@
 
-.PHONY: install run test bench proto
+.PHONY: install run test lint bench proto
 install: $(VENV)/.installed
 
 run: $(VENV)/.installed
@@ -18,6 +18,13 @@ run: $(VENV)/.installed
 
 test: $(VENV)/.installed
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Style, strict types and the one-way imports of the data path (pyproject.toml).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check indexer
+	$(VENV)/bin/ruff format --check indexer
+	$(VENV)/bin/mypy
+	$(VENV)/bin/lint-imports
 
 bench: $(VENV)/.installed
 	$(VENV)/bin/python bench/bench_store.py

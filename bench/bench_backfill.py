@@ -18,8 +18,8 @@ from collections.abc import Iterable
 import psycopg
 from psycopg import sql
 
-from indexer.backfill import Options, backfill
 from indexer.config import load_settings
+from indexer.ops.backfill import Options, backfill
 
 _SOURCE = """
 CREATE TABLE {table} AS

@@ -15,16 +15,16 @@ import os
 import random
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import aio_pika
 import psycopg
 import redis
 from psycopg import sql
 
-from indexer import wire
 from indexer.changes import Kind
 from indexer.config import load_settings
+from indexer.ingest import wire
 from indexer.service import Service
 
 
@@ -50,7 +50,7 @@ async def ready_count(settings) -> int:
 
 def make_events(count: int, mentions: int, orgs: int) -> list[tuple[str, bytes]]:
     rng = random.Random(7)
-    t0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
     kinds = [Kind.INSERTED] * 5 + [Kind.UPDATED] * 4 + [Kind.DELETED]
     events = []
     for i in range(count):

@@ -13,17 +13,17 @@ import random
 import statistics
 import time
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 from psycopg import sql
 
 from indexer.changes import Change, Kind
 from indexer.config import load_settings
-from indexer.migrate import migrate
-from indexer.store import Store
+from indexer.readmodel.migrate import migrate
+from indexer.readmodel.store import Store
 
-T0 = datetime(2024, 1, 1, tzinfo=timezone.utc)
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
 
 def workload(count: int, mentions: int, rng: random.Random) -> list[Change]:

@@ -1,7 +1,7 @@
 """``python -m indexer`` and the ``mention-indexer`` script.
 
 The SIGTERM handler goes in before anything heavy is imported: an orchestrator may stop the pod
-while it is still starting, and ``run`` must then exit 0 (SPEC §9), not die of the signal.  The
+while it is still starting, and ``run`` must then exit 0, not die of the signal.  The
 service installs its own handler once its loop runs.
 """
 
@@ -16,7 +16,7 @@ def _terminated_while_starting(signum: int, _frame: object) -> None:
 
 def entry() -> int:
     signal.signal(signal.SIGTERM, _terminated_while_starting)
-    from .cli import main
+    from indexer.cli import main
 
     return main()
 

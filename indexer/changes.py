@@ -1,4 +1,4 @@
-"""Mention changes and the version order every path obeys (SPEC §6). No I/O here.
+"""Mention changes and the version order every path obeys (docs/ordering.md). No I/O here.
 
 A change's version is ``(transaction_timestamp, kind, organization_id, mention_date)``:
 
@@ -21,11 +21,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 # Sorts below every real date; used where a change carries no mention_date.
-_NO_DATE = datetime.min.replace(tzinfo=timezone.utc)
-_EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+_NO_DATE = datetime.min.replace(tzinfo=UTC)
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
 
 
@@ -83,7 +83,7 @@ VersionKey = tuple[datetime, int, int, datetime]
 
 
 def version_key(change: Change) -> VersionKey:
-    """The total order of SPEC §6 as a sortable tuple (see module docstring for the tie-break)."""
+    """The version order as a sortable tuple (see module docstring for the tie-break)."""
     return (
         change.transaction_timestamp,
         int(change.kind),

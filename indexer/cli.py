@@ -1,6 +1,6 @@
 """The ``mention-indexer`` command line.  Nothing imports this module.
 
-Exit status (SPEC §8): 0 success; 2 bad usage or configuration; 1 a failure at run time, with a
+Exit status: 0 success; 2 bad usage or configuration; 1 a failure at run time, with a
 message naming the service and its URL (password masked).
 """
 
@@ -8,62 +8,55 @@ from __future__ import annotations
 
 import argparse
 import logging
-import re
 import sys
 from collections.abc import Callable, Sequence
 
-from .config import Settings, load_settings
-from .errors import ConfigError, IndexerError, mask_url
-from .logs import configure_logging
+from indexer import tracing
+from indexer.config import Settings, load_settings, variable
+from indexer.errors import ConfigError, IndexerError
+from indexer.ids import InvalidId, parse_id
+from indexer.logs import configure_logging
+from indexer.redact import mask_url, scrub
 
 log = logging.getLogger("indexer.cli")
-_INT64_MAX = 2**63 - 1
-_URL_IN_TEXT = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://[^\s'\"]+")
-
-# flag → Settings field; each flag overrides the variable of the same meaning.
-_CONNECTION_FLAGS = {
-    "--database-url": ("database_url", "DATABASE_URL"),
-    "--redis-url": ("redis_url", "REDIS_URL"),
-    "--amqp-url": ("amqp_url", "AMQP_URL"),
-    "--schema": ("schema_name", "INDEXER_SCHEMA"),
-    "--exchange": ("exchange", "INDEXER_EXCHANGE"),
-    "--queue": ("queue", "INDEXER_QUEUE"),
-    "--cache-prefix": ("cache_prefix", "INDEXER_CACHE_PREFIX"),
-}
-_RUN_FLAGS = {
-    "--http-port": ("http_port", "INDEXER_HTTP_PORT"),
-    "--queue-type": ("queue_type", "INDEXER_QUEUE_TYPE"),
-    "--bindings": ("bindings", "INDEXER_BINDINGS"),
-    "--batch-size": ("batch_size", "INDEXER_BATCH_SIZE"),
-    "--batch-wait-ms": ("batch_wait_ms", "INDEXER_BATCH_WAIT_MS"),
-    "--prefetch": ("prefetch", "INDEXER_PREFETCH"),
-    "--max-message-bytes": ("max_message_bytes", "INDEXER_MAX_MESSAGE_BYTES"),
-    "--log-format": ("log_format", "INDEXER_LOG_FORMAT"),
-    "--log-level": ("log_level", "INDEXER_LOG_LEVEL"),
-}
+_SETTING = "setting_"  # argparse dest prefix of the flags made from the settings model
 
 
-def _add_flags(parser: argparse.ArgumentParser, flags: dict[str, tuple[str, str]]) -> None:
-    for flag, (dest, variable) in flags.items():
-        parser.add_argument(flag, dest=f"setting_{dest}", metavar=variable, help=f"overrides ${variable}")
+def flag_of(field_name: str) -> str:
+    """``INDEXER_BATCH_WAIT_MS`` → ``--batch-wait-ms``, ``DATABASE_URL`` → ``--database-url``."""
+    return "--" + variable(field_name).removeprefix("INDEXER_").lower().replace("_", "-")
+
+
+def _add_setting_flags(parser: argparse.ArgumentParser) -> None:
+    """One flag per setting, named after its variable, with the model's description as help.
+
+    Values stay text here: the model converts and validates them, so a bad flag and a bad
+    variable get the same message."""
+    group = parser.add_argument_group("settings", "each flag overrides the environment variable named after it")
+    for name, info in Settings.model_fields.items():
+        group.add_argument(
+            flag_of(name),
+            dest=_SETTING + name,
+            metavar=variable(name),
+            default=argparse.SUPPRESS,
+            help=f"{info.description} (${variable(name)})",
+        )
 
 
 def _settings_from(args: argparse.Namespace) -> Settings:
-    overrides = {name.removeprefix("setting_"): value for name, value in vars(args).items() if name.startswith("setting_")}
-    if getattr(args, "source_database_url", None):
-        overrides["source_database_url"] = args.source_database_url
+    overrides = {name.removeprefix(_SETTING): value for name, value in vars(args).items() if name.startswith(_SETTING)}
     return load_settings(**overrides)
 
 
 def _cmd_run(settings: Settings, args: argparse.Namespace) -> int:
-    from .service import run
+    from indexer.service import run
 
     run(settings)
     return 0
 
 
 def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
-    from .migrate import migrate
+    from indexer.readmodel.migrate import migrate
 
     applied = migrate(settings.database_url, settings.schema_name)
     where = f"schema {settings.schema_name} at {mask_url(settings.database_url)}"
@@ -72,44 +65,43 @@ def _cmd_migrate(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def _cmd_refresh_cache(settings: Settings, args: argparse.Namespace) -> int:
-    from .publish import refresh_cache
+    from indexer.ops.producers import refresh_cache
 
     print(refresh_cache(settings, args.org))
     return 0
 
 
 def _cmd_emit(settings: Settings, args: argparse.Namespace) -> int:
-    from .publish import emit
+    from indexer.ops.producers import emit
 
     print(emit(settings, args.kind, args.mention_id, args.org, args.mention_date, args.transaction_timestamp))
     return 0
 
 
 def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
-    from .backfill import main as backfill_main
+    from indexer.ops.backfill import main as backfill_main
 
     return backfill_main(settings, args)
 
 
 def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
-    from . import dlq
+    from indexer.ops import dead_letters as dlq
 
     return dlq.main(settings, args)
 
 
-def _int64_id(what: str) -> Callable[[str], int]:
-    """A parser for a positive decimal id: 0 is "not set" on the wire and consumers refuse it."""
-
+def _id(what: str) -> Callable[[str], int]:
     def parse(value: str) -> int:
-        if not value.isascii() or not value.isdigit() or not 0 < int(value) <= _INT64_MAX:
-            raise argparse.ArgumentTypeError(f"must be a decimal {what} id from 1 to 2^63-1, got {value!r}")
-        return int(value)
+        try:
+            return parse_id(value, what)
+        except InvalidId as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
 
     return parse
 
 
-_org_id = _int64_id("organization")
-_mention_id = _int64_id("mention")
+_org_id = _id("organization id")
+_mention_id = _id("mention id")
 
 
 def _positive_int(value: str) -> int:
@@ -125,29 +117,40 @@ def build_parser() -> argparse.ArgumentParser:
     )
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    def command(name: str, handler: Callable[[Settings, argparse.Namespace], int], help: str,
-                flags: Sequence[dict[str, tuple[str, str]]] = (_CONNECTION_FLAGS,)) -> argparse.ArgumentParser:
+    def command(
+        name: str, handler: Callable[[Settings, argparse.Namespace], int], help: str
+    ) -> argparse.ArgumentParser:
         sub = commands.add_parser(name, help=help, description=help)
-        for group in flags:
-            _add_flags(sub, group)
+        _add_setting_flags(sub)
         sub.set_defaults(handler=handler)
         return sub
 
-    command("run", _cmd_run, "the sidecar: migrate, consume, apply, invalidate, ack; health and metrics over HTTP",
-            (_CONNECTION_FLAGS, _RUN_FLAGS))
+    command("run", _cmd_run, "the sidecar: migrate, consume, apply, invalidate, ack; health and metrics over HTTP")
     command("migrate", _cmd_migrate, "create or upgrade the read model")
 
     backfill = command("backfill", _cmd_backfill, "load the read model from the mentions table")
-    backfill.add_argument("--source-database-url", metavar="SOURCE_DATABASE_URL", help="overrides $SOURCE_DATABASE_URL")
-    backfill.add_argument("--source-query", metavar="SQL",
-                          help="query returning mention_id, organization_id, mention_date [, transaction_timestamp, deleted]")
-    backfill.add_argument("--org", type=_org_id, action="append", default=[], metavar="ID", help="limit to this organization (repeatable)")
-    backfill.add_argument("--batch-size", type=_positive_int, default=10_000, metavar="N", help="rows per chunk (default 10000)")
-    backfill.add_argument("--prune", action="store_true", help="tombstone read-model rows the source no longer has, within the scope")
-    backfill.add_argument("--resume", action="store_true", help="continue an interrupted run from its last committed chunk")
+    backfill.add_argument(
+        "--source-query",
+        metavar="SQL",
+        help="query returning mention_id, organization_id, mention_date [, transaction_timestamp, deleted]",
+    )
+    backfill.add_argument(
+        "--org", type=_org_id, action="append", default=[], metavar="ID", help="limit to this organization (repeatable)"
+    )
+    backfill.add_argument(
+        "--batch-size", type=_positive_int, default=10_000, metavar="N", help="rows per chunk (default 10000)"
+    )
+    backfill.add_argument(
+        "--prune", action="store_true", help="tombstone read-model rows the source no longer has, within the scope"
+    )
+    backfill.add_argument(
+        "--resume", action="store_true", help="continue an interrupted run from its last committed chunk"
+    )
     backfill.add_argument("--dry-run", action="store_true", help="report what would change, change nothing")
 
-    refresh = command("refresh-cache", _cmd_refresh_cache, "publish a TriggerCacheRefresh (all organizations without --org)")
+    refresh = command(
+        "refresh-cache", _cmd_refresh_cache, "publish a TriggerCacheRefresh (all organizations without --org)"
+    )
     refresh.add_argument("--org", type=_org_id, metavar="ID", help="the organization to flush")
 
     emit = command("emit", _cmd_emit, "publish one mention change")
@@ -161,10 +164,14 @@ def build_parser() -> argparse.ArgumentParser:
     dlq_commands = dlq.add_subparsers(dest="dlq_command", required=True, metavar="ACTION")
     dlq_list = dlq_commands.add_parser("list", help="count and describe the dead letters (leaves them in place)")
     dlq_list.add_argument("--limit", type=_positive_int, default=100, metavar="N")
-    dlq_replay = dlq_commands.add_parser("replay", help="republish dead letters to the exchange with their original routing key")
+    dlq_replay = dlq_commands.add_parser(
+        "replay", help="republish dead letters to the exchange with their original routing key"
+    )
     dlq_replay.add_argument("--limit", type=_positive_int, metavar="N")
     dlq_purge = dlq_commands.add_parser("purge", help="delete every dead letter")
     dlq_purge.add_argument("--yes", action="store_true", help="confirm")
+    for action in (dlq_list, dlq_replay, dlq_purge):  # `dlq list --queue q` as well as `dlq --queue q list`
+        _add_setting_flags(action)
     return parser
 
 
@@ -177,6 +184,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"mention-indexer: configuration error: {exc}\n")
     configure_logging(settings.log_format, settings.log_level)
     handler: Callable[[Settings, argparse.Namespace], int] = args.handler
+    tracing.configure()
     try:
         return handler(settings, args)
     except ConfigError as exc:
@@ -189,12 +197,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
     except Exception as exc:  # a runtime failure nobody anticipated: one line, exit 1, no traceback
         log.debug("unexpected failure", exc_info=True)
-        detail = _URL_IN_TEXT.sub(lambda match: mask_url(match.group(0)), str(exc))
+        detail = scrub(str(exc), settings.database_url, settings.source_url, settings.redis_url, settings.amqp_url)
         print(
             f"mention-indexer {args.command}: unexpected {type(exc).__name__}: {detail}"
             " (INDEXER_LOG_LEVEL=DEBUG shows the traceback)",
             file=sys.stderr,
         )
         return 1
-
-
+    finally:
+        tracing.shutdown()

@@ -1,4 +1,4 @@
-"""Settings (SPEC §3): environment variables, overridden by command-line flags of the same meaning.
+"""Settings: environment variables, overridden by command-line flags of the same name.
 
 Loaded and validated in one place; every failure becomes a ``ConfigError`` naming the variable, and
 URL values are never echoed back (they may carry a password).
@@ -6,14 +6,17 @@ URL values are never echoed back (they may carry a password).
 
 from __future__ import annotations
 
+import os
 import re
+from pathlib import Path
 from typing import Any, Literal, TypeVar
 from urllib.parse import urlsplit
 
-from pydantic import Field, ValidationError, field_validator, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import AliasChoices, Field, ValidationError, field_validator, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
-from .errors import ConfigError
+from indexer.errors import ConfigError
 
 T = TypeVar("T", str, str | None)
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
@@ -31,6 +34,39 @@ def _parseable(url: T) -> T:
     return url
 
 
+def _setting(default: Any, variable: str | AliasChoices, description: str, **constraints: Any) -> Any:
+    """A field read from ``variable``; ``description`` is also its ``--flag``'s help."""
+    return Field(default, validation_alias=variable, description=description, **constraints)
+
+
+# Settings that may carry a password: each may also be read from the file named by <VARIABLE>_FILE,
+# the way Kubernetes and Docker mount secrets.
+SECRET_FIELDS = ("database_url", "source_database_url", "redis_url", "amqp_url")
+
+
+class _SecretFiles(PydanticBaseSettingsSource):
+    """``DATABASE_URL_FILE=/run/secrets/db`` gives DATABASE_URL the file's content (surrounding
+    white space, such as the newline an editor adds, left out)."""
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        return None, field_name, False  # everything is read in __call__
+
+    def __call__(self) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for name in SECRET_FIELDS:
+            plain = variable(name)
+            path = os.environ.get(f"{plain}_FILE")
+            if path is None:
+                continue
+            if plain in os.environ:
+                raise ConfigError(f"{plain} and {plain}_FILE are both set: set one of them")
+            try:
+                values[name] = Path(path).read_text(encoding="utf-8").strip()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise ConfigError(f"{plain}_FILE: cannot read {path!r}: {exc.__class__.__name__}") from None
+        return values
+
+
 class Settings(BaseSettings):
     model_config = SettingsConfigDict(
         env_prefix="",
@@ -40,34 +76,79 @@ class Settings(BaseSettings):
         frozen=True,
     )
 
-    database_url: str = Field("postgresql://postgres@127.0.0.1:5432/postgres", validation_alias="DATABASE_URL")
-    source_database_url: str | None = Field(None, validation_alias="SOURCE_DATABASE_URL")
-    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="REDIS_URL")
-    amqp_url: str = Field("amqp://guest:guest@127.0.0.1:5672/", validation_alias="AMQP_URL")
-    schema_name: str = Field("mention_index", validation_alias="INDEXER_SCHEMA")
-    exchange: str = Field("events", validation_alias="INDEXER_EXCHANGE")
-    queue: str = Field("mention-indexer", validation_alias="INDEXER_QUEUE")
-    cache_prefix: str = Field("mentions", validation_alias="INDEXER_CACHE_PREFIX")
-    http_port: int = Field(9180, ge=0, le=65535, validation_alias="INDEXER_HTTP_PORT")
-
-    # Tuning knobs (README "Configuration").
-    queue_type: Literal["quorum", "classic"] = Field("quorum", validation_alias="INDEXER_QUEUE_TYPE")
-    bindings: str = Field(
-        "events.MentionInserted,events.MentionUpdated,events.MentionDeleted,events.TriggerCacheRefresh",
-        validation_alias="INDEXER_BINDINGS",
+    database_url: str = _setting(
+        "postgresql://postgres@127.0.0.1:5432/postgres", "DATABASE_URL", "Postgres holding the read model"
     )
-    batch_size: int = Field(500, ge=1, le=10_000, validation_alias="INDEXER_BATCH_SIZE")
-    batch_wait_ms: int = Field(50, ge=0, le=60_000, validation_alias="INDEXER_BATCH_WAIT_MS")
-    prefetch: int = Field(1000, ge=1, le=65_535, validation_alias="INDEXER_PREFETCH")
-    max_message_bytes: int = Field(1_048_576, ge=1024, validation_alias="INDEXER_MAX_MESSAGE_BYTES")
-    retry_initial_s: float = Field(0.2, gt=0, le=60, validation_alias="INDEXER_RETRY_INITIAL_S")
-    retry_max_s: float = Field(10.0, gt=0, le=600, validation_alias="INDEXER_RETRY_MAX_S")
-    # SPEC §9: exit within 10 s of SIGTERM; closing connections needs the last half second.
-    shutdown_timeout_s: float = Field(8.0, gt=0, le=9, validation_alias="INDEXER_SHUTDOWN_TIMEOUT_S")
-    cache_ttl_s: int = Field(3600, ge=0, validation_alias="INDEXER_CACHE_TTL_S")
-    track_direct_keys: Literal["auto", "on", "off"] = Field("auto", validation_alias="INDEXER_TRACK_DIRECT_KEYS")
-    log_format: Literal["text", "json"] = Field("text", validation_alias="INDEXER_LOG_FORMAT")
-    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field("INFO", validation_alias="INDEXER_LOG_LEVEL")
+    source_database_url: str | None = _setting(
+        None, "SOURCE_DATABASE_URL", "the mentions database the backfill reads (default: DATABASE_URL)"
+    )
+    redis_url: str = _setting("redis://127.0.0.1:6379/0", "REDIS_URL", "Redis holding the per-organization caches")
+    amqp_url: str = _setting("amqp://guest:guest@127.0.0.1:5672/", "AMQP_URL", "RabbitMQ")
+    schema_name: str = _setting("mention_index", "INDEXER_SCHEMA", "Postgres schema of the read model tables")
+    exchange: str = _setting("events", "INDEXER_EXCHANGE", "topic exchange, durable")
+    queue: str = _setting(
+        "mention-indexer", "INDEXER_QUEUE", "the indexer's durable queue; dead letters go to <queue>.dlq"
+    )
+    cache_prefix: str = _setting(
+        "mentions", "INDEXER_CACHE_PREFIX", "Redis key prefix of the caches: <prefix>:{<organization>}:..."
+    )
+    http_port: int = _setting(
+        9180, "INDEXER_HTTP_PORT", "port of /healthz, /readyz and /metrics; 0 turns them off", ge=0, le=65535
+    )
+    # Tuning knobs (README "Configuration").
+    queue_type: Literal["quorum", "classic"] = _setting(
+        "quorum", "INDEXER_QUEUE_TYPE", "type of the queues the indexer declares"
+    )
+    bindings: str = _setting(
+        "events.MentionInserted,events.MentionUpdated,events.MentionDeleted,events.TriggerCacheRefresh",
+        "INDEXER_BINDINGS",
+        "routing keys bound to the queue, comma-separated",
+    )
+    # INDEXER_BATCH_SIZE is the name of releases before 0.2; `backfill --batch-size` is another thing.
+    batch_messages: int = _setting(
+        500,
+        AliasChoices("INDEXER_BATCH_MESSAGES", "INDEXER_BATCH_SIZE"),
+        "most messages applied in one transaction",
+        ge=1,
+        le=10_000,
+    )
+    batch_wait_ms: int = _setting(
+        50, "INDEXER_BATCH_WAIT_MS", "how long a batch waits for more messages after its first", ge=0, le=60_000
+    )
+    prefetch: int = _setting(
+        1000, "INDEXER_PREFETCH", "unacknowledged deliveries the broker may send ahead (bounds memory)", ge=1, le=65_535
+    )
+    max_message_bytes: int = _setting(
+        1_048_576, "INDEXER_MAX_MESSAGE_BYTES", "larger bodies are dead-lettered unread", ge=1024
+    )
+    retry_initial_s: float = _setting(
+        0.2, "INDEXER_RETRY_INITIAL_S", "first backoff after a failure of Postgres, Redis or RabbitMQ", gt=0, le=60
+    )
+    retry_max_s: float = _setting(10.0, "INDEXER_RETRY_MAX_S", "longest backoff", gt=0, le=600)
+    # Exit within 10 s of SIGTERM; closing connections needs the last half second.
+    shutdown_timeout_s: float = _setting(
+        8.0, "INDEXER_SHUTDOWN_TIMEOUT_S", "time the batch in hand gets to finish after SIGTERM", gt=0, le=9
+    )
+    cache_ttl_s: int = _setting(
+        3600, "INDEXER_CACHE_TTL_S", "expiry of entries filled through the cache helper; 0 = none", ge=0
+    )
+    track_direct_keys: Literal["auto", "on", "off"] = _setting(
+        "auto",
+        "INDEXER_TRACK_DIRECT_KEYS",
+        "also invalidate keys written without the cache helper (keyspace notifications)",
+    )
+    log_format: Literal["auto", "text", "json"] = _setting(
+        "auto", "INDEXER_LOG_FORMAT", "log lines as text or JSON; auto: JSON unless stderr is a terminal"
+    )
+    log_summary_s: int = _setting(
+        60,
+        "INDEXER_LOG_SUMMARY_S",
+        "seconds between the info lines that sum up rate, lag and dead letters; 0: none",
+        ge=0,
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
+        "INFO", "INDEXER_LOG_LEVEL", "least severe level logged"
+    )
 
     @field_validator("database_url", "source_database_url")
     @classmethod
@@ -120,11 +201,23 @@ class Settings(BaseSettings):
 
     @model_validator(mode="after")
     def _prefetch_covers_batch(self) -> Settings:
-        if self.prefetch < self.batch_size:
+        if self.prefetch < self.batch_messages:
             raise ValueError(
-                f"INDEXER_PREFETCH ({self.prefetch}) must be at least INDEXER_BATCH_SIZE ({self.batch_size})"
+                f"INDEXER_PREFETCH ({self.prefetch}) must be at least INDEXER_BATCH_MESSAGES ({self.batch_messages})"
             )
         return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Flags, then variables, then secret files, then the defaults.
+        return init_settings, env_settings, _SecretFiles(settings_cls)
 
     @property
     def source_url(self) -> str:
@@ -142,11 +235,21 @@ class Settings(BaseSettings):
 _URL_FIELDS = {"DATABASE_URL", "SOURCE_DATABASE_URL", "REDIS_URL", "AMQP_URL"}
 
 
+def variable(field_name: str) -> str:
+    """The environment variable of a settings field (its first name, where it has several)."""
+    alias = Settings.model_fields[field_name].validation_alias
+    if isinstance(alias, AliasChoices):
+        return str(alias.choices[0])
+    return str(alias)
+
+
 def _variable_of(loc: tuple[Any, ...]) -> str:
     name = str(loc[0]) if loc else ""
     for field_name, info in Settings.model_fields.items():
-        if name in (field_name, info.validation_alias):
-            return str(info.validation_alias)
+        alias = info.validation_alias
+        names = alias.choices if isinstance(alias, AliasChoices) else [alias]
+        if name == field_name or name in names:
+            return variable(field_name)
     return name or "configuration"
 
 

@@ -8,31 +8,7 @@
 
 from __future__ import annotations
 
-from urllib.parse import urlsplit, urlunsplit
-
-
-_SECRET_PARAMETERS = ("password", "sslpassword")
-
-
-def mask_url(url: str) -> str:
-    """The URL with any password (user-info or ``?password=``) replaced by ``***``, for logs and errors."""
-    try:
-        parts = urlsplit(url)
-    except ValueError:
-        return "<unparseable URL>"
-    query = "&".join(
-        f"{name}=***" if name.lower() in _SECRET_PARAMETERS else (f"{name}={value}" if sep else name)
-        for name, sep, value in (item.partition("=") for item in parts.query.split("&") if item)
-    )
-    netloc = parts.netloc
-    if parts.password is not None:
-        host = parts.hostname or ""
-        if ":" in host:  # IPv6 literal
-            host = f"[{host}]"
-        netloc = f"{parts.username or ''}:***@{host}"
-        if parts.port is not None:
-            netloc += f":{parts.port}"
-    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+from indexer.redact import mask_url
 
 
 class IndexerError(Exception):
@@ -40,20 +16,29 @@ class IndexerError(Exception):
 
 
 class Refused(IndexerError):
-    """A message that cannot be used; it goes to the dead-letter queue with ``reason``."""
+    """A message that cannot be used; it goes to the dead-letter queue with ``reason``.
+
+    ``kind`` is the class of reason, one of a small fixed set (a metric label)."""
+
+    kind = "unusable"
 
     def __init__(self, reason: str) -> None:
         # Header values must stay one short line whatever the input was.
         self.reason = " ".join(reason.split())[:500]
+        self.event_id = ""  # the envelope's Core.id, where it could be read
         super().__init__(self.reason)
 
 
 class Undecodable(Refused):
     """The body is not a VtEvent in any accepted form."""
 
+    kind = "undecodable"
+
 
 class MissingField(Refused):
     """A field the change cannot do without is absent."""
+
+    kind = "missing_field"
 
     def __init__(self, field: str) -> None:
         self.field = field
@@ -62,6 +47,8 @@ class MissingField(Refused):
 
 class BadTimestamp(Refused):
     """A timestamp in none of the accepted forms (RFC1123, RFC1123Z, RFC3339)."""
+
+    kind = "bad_timestamp"
 
     def __init__(self, field: str, value: str) -> None:
         self.field = field
@@ -72,6 +59,8 @@ class BadTimestamp(Refused):
 class BadOrganizationId(Refused):
     """An organization id that is not a decimal integer."""
 
+    kind = "bad_organization_id"
+
     def __init__(self, value: str) -> None:
         self.value = value
         super().__init__(f"organization_id is not a decimal integer: {value!r}")
@@ -79,6 +68,8 @@ class BadOrganizationId(Refused):
 
 class OutOfRange(Refused):
     """A number present but outside its domain, e.g. a negative mention_id."""
+
+    kind = "out_of_range"
 
     def __init__(self, field: str, value: int, expected: str) -> None:
         self.field = field
@@ -88,6 +79,8 @@ class OutOfRange(Refused):
 
 class TooLarge(Refused):
     """A body over the configured size limit."""
+
+    kind = "too_large"
 
     def __init__(self, size_bytes: int, limit_bytes: int) -> None:
         self.size_bytes = size_bytes

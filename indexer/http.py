@@ -16,8 +16,8 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client import make_wsgi_app
 
-from .health import Health
-from .metrics import Metrics
+from indexer.health import Health
+from indexer.metrics import DEPENDENCIES, Metrics
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,10 @@ def _app(health: Health, metrics: Metrics) -> Callable[..., Iterable[bytes]]:
         if path == "/metrics":
             ready, _ = health.snapshot()
             metrics.ready.set(1 if ready else 0)
-            return metrics_app(environ, start_response)
+            for dependency in DEPENDENCIES:
+                metrics.dependency_up.labels(dependency).set(1 if health.up(dependency) else 0)
+            answer: Iterable[bytes] = metrics_app(environ, start_response)
+            return answer
         if path == "/healthz":
             start_response("200 OK", [("Content-Type", "application/json")])
             return [b'{"status":"ok"}']

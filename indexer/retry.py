@@ -13,7 +13,7 @@ from typing import TypeVar
 
 from tenacity import AsyncRetrying, RetryCallState, retry_if_exception_type, stop_never, wait_random_exponential
 
-from .errors import Transient
+from indexer.errors import Transient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -1,6 +1,6 @@
 """``mention-indexer run``: supervise the broker session and drive batches through the pipeline.
 
-Per batch, strictly: dead letters confirmed → commit → invalidate → ack (SPEC §7, §9).  A lost
+Per batch, strictly: dead letters confirmed → commit → invalidate → ack.  A lost
 broker connection abandons the batch in hand (its deliveries come back) and opens a new session;
 Postgres or Redis trouble is retried with backoff while the batch waits unacknowledged.
 """
@@ -11,23 +11,23 @@ import asyncio
 import logging
 import signal
 import time
-from collections.abc import Awaitable, Callable
-from typing import TypeVar
+from collections.abc import Awaitable
+from dataclasses import dataclass
 
-from . import migrate as migrations
-from .broker import Session
-from .cache import CacheInvalidator
-from .config import Settings
-from .errors import Transient
-from .health import PROBE, Health
-from .http import HttpServer
-from .metrics import Metrics
-from .pipeline import BatchOutcome, Pipeline
-from .retry import retry_transient
-from .store import Store
+from indexer import tracing
+from indexer.cache import CacheInvalidator
+from indexer.config import Settings
+from indexer.errors import Transient
+from indexer.health import CONSUMER, PROBE, Health
+from indexer.http import HttpServer
+from indexer.ingest import Delivery, Session
+from indexer.metrics import Metrics
+from indexer.pipeline import BatchOutcome, CachePort, Pipeline, StorePort
+from indexer.readmodel import migrate as migrations
+from indexer.readmodel.store import Store
+from indexer.supervision import SupervisedCache, SupervisedDeadLetters, SupervisedStore, Supervisor
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 PROBE_INTERVAL_S = 5.0
 # After the batch budget, closing the connections gets this long; a service that does not answer
 # (no close-ok) is left behind: the broker requeues what we held when it notices we are gone.
@@ -43,6 +43,14 @@ class Service:
         self._session: Session | None = None
         self.http_port: int | None = None
         self._busy = False  # a batch is between its first delivery and its ack
+        self.acknowledged = 0  # deliveries acknowledged since the start, dead letters included
+        self._last_applied_s = 0.0
+        self._window = _Window()
+        self.metrics.in_hand.set_function(self._in_hand)
+        self._acks = asyncio.Condition()
+        self._supervisor = Supervisor(
+            self.health, self.metrics, initial_s=settings.retry_initial_s, max_s=settings.retry_max_s
+        )
 
     def request_stop(self) -> None:
         if not self._stop.is_set():
@@ -53,7 +61,7 @@ class Service:
     async def run(self) -> None:
         """Until ``request_stop``.  The batch in hand gets ``shutdown_timeout_s`` from the stop
         request to finish, closing the connections at most ``CLOSE_TIMEOUT_S`` more: a service
-        that stopped answering cannot stretch the shutdown step by step (SPEC §9: exit in 10 s)."""
+        that stopped answering cannot stretch the shutdown step by step (exit within 10 s)."""
         loop = asyncio.get_running_loop()
         http = self._start_http()
         work = asyncio.create_task(self._work(), name="indexer-work")
@@ -66,8 +74,10 @@ class Service:
                     await _within(self._session.stop_consuming(), deadline - loop.time())
                 await asyncio.wait({work}, timeout=max(0.0, deadline - loop.time()))
                 if not work.done():
-                    log.warning("batch not finished after %.1f s; abandoning it (it will be redelivered)",
-                                self.settings.shutdown_timeout_s)
+                    log.warning(
+                        "batch not finished after %.1f s; abandoning it (it will be redelivered)",
+                        self.settings.shutdown_timeout_s,
+                    )
         finally:
             stop.cancel()
             http_stopped = asyncio.create_task(asyncio.to_thread(http.stop)) if http is not None else None
@@ -85,34 +95,24 @@ class Service:
         self.http_port = http.port
         return http
 
-    async def _retry(self, operation: Callable[[], Awaitable[T]], service: str) -> T:
-        def failed(what: str, exc: BaseException) -> None:
-            self.health.failing(what, str(exc))
-            self.metrics.retries.labels(what).inc()
-
-        return await retry_transient(
-            operation,
-            what=service,
-            initial_s=self.settings.retry_initial_s,
-            max_s=self.settings.retry_max_s,
-            on_failure=failed,
-            on_success=self.health.ok,
-        )
-
     async def _work(self) -> None:
         settings = self.settings
-        await self._retry(lambda: migrations.migrate_async(settings.database_url, settings.schema_name), "postgres")
+        supervisor = self._supervisor
+        await supervisor.call("postgres", lambda: migrations.migrate_async(settings.database_url, settings.schema_name))
         store = Store(settings.database_url, settings.schema_name)
         cache = CacheInvalidator.from_settings(settings)
         probe = asyncio.create_task(self._probe(cache), name="indexer-probe")
-        pipeline = Pipeline(store, cache, max_message_bytes=settings.max_message_bytes, retry=self._retry)
+        summary = asyncio.create_task(self._summarize(), name="indexer-summary") if settings.log_summary_s else None
+        supervised_store, supervised_cache = SupervisedStore(store, supervisor), SupervisedCache(cache, supervisor)
         try:
-            await self._retry(cache.ping, "redis")
+            await supervisor.call("redis", cache.start)
             while not self._stop.is_set():
-                await self._one_session(pipeline)
+                await self._one_session(supervised_store, supervised_cache)
         finally:
-            probe.cancel()
-            await asyncio.gather(probe, return_exceptions=True)
+            background = [task for task in (probe, summary) if task is not None]
+            for task in background:
+                task.cancel()
+            await asyncio.gather(*background, return_exceptions=True)
             await store.aclose()
             await cache.aclose()
 
@@ -123,21 +123,30 @@ class Service:
         await session.open()
         return session
 
-    async def _one_session(self, pipeline: Pipeline) -> None:
-        session = await self._retry(self._open_session, "rabbitmq")
+    async def _one_session(self, store: StorePort, cache: CachePort) -> None:
+        session = await self._supervisor.call("rabbitmq", self._open_session)
+        self.health.ok(CONSUMER)
+        self.metrics.consumer_registered.set(1)
+        dead_letters = SupervisedDeadLetters(session, self._supervisor)
+        pipeline = Pipeline(store, cache, dead_letters, max_message_bytes=self.settings.max_message_bytes)
         try:
             while not self._stop.is_set():
-                batch = await session.next_batch(self.settings.batch_size, self.settings.batch_wait_ms)
+                batch = await session.next_batch(self.settings.batch_messages, self.settings.batch_wait_ms)
                 if self._stop.is_set():
                     return  # not started: leave it unacknowledged, the broker redelivers it
-                started = time.monotonic()
+                self.metrics.delivered()
                 self._busy = True
                 try:
-                    outcome = await session.guard(pipeline.handle(batch, session))
-                    await session.ack(batch)
+                    with tracing.span("batch", messages=len(batch)) as batch_span:
+                        outcome = await session.guard(pipeline.handle(batch))
+                        tracing.link(batch_span, outcome.trace_contexts)
+                        session.hold(outcome.held)
+                        with tracing.span("ack"):
+                            await session.ack(batch)
                 finally:
                     self._busy = False
-                self._count(outcome, time.monotonic() - started)
+                self._count(batch, outcome)
+                await self._acknowledged(len(batch))
         except Transient as exc:
             # The session is gone (or never opened); its deliveries return to the queue.
             self.health.failing("rabbitmq", str(exc))
@@ -145,24 +154,89 @@ class Service:
             await self._pause(self.settings.retry_initial_s)
         finally:
             self._session = None
+            self.metrics.consumer_registered.set(0)
+            self.health.failing(CONSUMER, "no consumer registered on the queue (reconnecting)")
             await session.close()
 
     async def _pause(self, seconds: float) -> None:
         try:
             await asyncio.wait_for(self._stop.wait(), seconds)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             pass
 
-    def _count(self, outcome: BatchOutcome, elapsed_s: float) -> None:
-        m = self.metrics.messages
-        m.labels("applied").inc(outcome.applied)
-        m.labels("skipped").inc(outcome.skipped)
-        m.labels("ignored").inc(outcome.ignored)
-        m.labels("dead_lettered").inc(outcome.dead_lettered)
-        m.labels("refresh").inc(outcome.refreshes)
-        self.metrics.batches.inc()
-        self.metrics.batch_seconds.observe(elapsed_s)
-        self.metrics.invalidated_orgs.inc(len(outcome.organizations))
+    async def _acknowledged(self, messages: int) -> None:
+        async with self._acks:
+            self.acknowledged += messages
+            self._acks.notify_all()
+
+    async def wait_acknowledged(self, messages: int) -> None:
+        """Return once at least ``messages`` deliveries in all have been acknowledged: for whoever
+        embeds the service (tests, benchmarks) to wait on the data path instead of polling it."""
+        async with self._acks:
+            await self._acks.wait_for(lambda: self.acknowledged >= messages)
+
+    def _count(self, batch: list[Delivery], outcome: BatchOutcome[Delivery]) -> None:
+        metrics, acked_s = self.metrics, time.time()
+        for name, count in (
+            ("applied", outcome.applied),
+            ("duplicate", outcome.duplicate),
+            ("stale", outcome.stale),
+            ("ignored", outcome.ignored),
+            ("dead_lettered", outcome.dead_lettered),
+            ("refresh", outcome.refreshes),
+            ("held", len(outcome.held)),
+        ):
+            metrics.messages.labels(name).inc(count)
+        for kind, count in outcome.dead_letter_reasons.items():
+            metrics.dead_letters.labels(kind).inc(count)
+        versions_s = [at.timestamp() for at in outcome.applied_at]
+        for version_s in versions_s:
+            metrics.lag.observe(acked_s - version_s)
+        window = self._window
+        window.messages += len(batch)
+        window.dead_lettered += outcome.dead_lettered
+        window.lag_max_s = max([window.lag_max_s, *(acked_s - version_s for version_s in versions_s)])
+        if versions_s and max(versions_s) > self._last_applied_s:
+            self._last_applied_s = max(versions_s)
+            metrics.last_applied.set(self._last_applied_s)
+        metrics.batches.inc()
+        metrics.batch_messages.observe(len(batch))
+        metrics.batch_duration.observe(time.monotonic() - batch[0].received_s)
+        metrics.invalidated_organizations.inc(len(outcome.organizations))
+        log.debug(
+            "batch of %d acknowledged: %d applied, %d duplicate, %d stale, %d ignored, %d dead-lettered",
+            len(batch),
+            outcome.applied,
+            outcome.duplicate,
+            outcome.stale,
+            outcome.ignored,
+            outcome.dead_lettered,
+        )
+
+    async def _summarize(self) -> None:
+        """Every ``log_summary_s``, one info line: what an operator tailing the log wants to know."""
+        interval_s = self.settings.log_summary_s
+        while True:
+            await asyncio.sleep(interval_s)
+            window, self._window = self._window, _Window()
+            log.info(
+                "%d messages in %d s (%.0f/s), lag up to %.3f s, %d dead-lettered",
+                window.messages,
+                interval_s,
+                window.messages / interval_s,
+                window.lag_max_s,
+                window.dead_lettered,
+                extra={
+                    "messages": window.messages,
+                    "rate_per_s": round(window.messages / interval_s, 1),
+                    "lag_max_s": round(window.lag_max_s, 3),
+                    "dead_lettered": window.dead_lettered,
+                },
+            )
+
+    def _in_hand(self) -> float:
+        session = self._session
+        return float(session.unacknowledged) if session is not None else 0.0
 
     async def _probe(self, cache: CacheInvalidator) -> None:
         """Keep /readyz honest while idle: a service may go away between batches."""
@@ -180,11 +254,20 @@ class Service:
                         self.health.failing(service, str(exc) or type(exc).__name__, PROBE)
 
 
+@dataclass
+class _Window:
+    """What the next summary line covers."""
+
+    messages: int = 0
+    dead_lettered: int = 0
+    lag_max_s: float = 0.0
+
+
 async def _within(awaitable: Awaitable[object], seconds: float) -> None:
     """Await ``awaitable`` for at most ``seconds`` (cancelled after that)."""
     try:
         await asyncio.wait_for(awaitable, max(0.0, seconds))
-    except asyncio.TimeoutError:
+    except TimeoutError:
         pass
 
 

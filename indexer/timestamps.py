@@ -1,4 +1,4 @@
-"""The timestamp forms of the wire (SPEC §6): RFC1123, RFC1123Z and RFC3339.  No I/O here.
+"""The timestamp forms of the wire: RFC1123, RFC1123Z and RFC3339.  No I/O here.
 
 Accepted, and nothing else (``ValueError`` otherwise; the codec turns it into ``BadTimestamp``):
 
@@ -30,7 +30,7 @@ Results are always timezone-aware and normalised to UTC.
 from __future__ import annotations
 
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta, timezone
 
 _DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 _MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
@@ -87,7 +87,7 @@ def format_rfc3339(moment: datetime) -> str:
 def _to_utc(moment: datetime) -> datetime:
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError("a timestamp on the wire needs a timezone-aware datetime")
-    return moment.astimezone(timezone.utc)
+    return moment.astimezone(UTC)
 
 
 # Fields are formatted by hand rather than with strftime: %a/%b follow the locale, and %Y does not
@@ -137,9 +137,7 @@ def _offset(sign: str, hours: str, minutes: str) -> timedelta:
     return -magnitude if sign == "-" else magnitude
 
 
-def _local(
-    year: int, month: int, day: int, clock: re.Match[str], microsecond: int, offset: timedelta
-) -> datetime:
+def _local(year: int, month: int, day: int, clock: re.Match[str], microsecond: int, offset: timedelta) -> datetime:
     hour, minute, second = int(clock["hour"]), int(clock["minute"]), int(clock["second"])
     if second == 60:
         raise ValueError("leap seconds are not supported")
@@ -151,6 +149,6 @@ def _local(
 
 def _utc(local: datetime) -> datetime:
     try:
-        return local.astimezone(timezone.utc)
+        return local.astimezone(UTC)
     except OverflowError:  # 0001-01-01T00:00:00+01:00 is before year 1 in UTC
         raise ValueError("out of the supported range of years 1-9999 once converted to UTC") from None

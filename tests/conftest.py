@@ -1,10 +1,15 @@
-"""Shared fixtures: every test gets its own schema, exchange, queue and key prefix, and cleans up."""
+"""Shared fixtures: every test gets its own schema, exchange, queue and key prefix, and cleans up.
+
+Every test outside tests/unit/ is marked ``services`` here (Postgres, Redis and RabbitMQ), so
+``pytest -m "not services"`` runs exactly the pure tests of tests/unit/ and needs none of them.
+"""
 
 from __future__ import annotations
 
 import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -13,7 +18,14 @@ import redis
 from indexer.config import Settings, load_settings
 from tests.support.services import ServiceUrls, resolve
 
-pytest_plugins = ["tests.support.cache_fixtures"]
+pytest_plugins = ["tests.support.cache_fixtures", "tests.support.store", "tests.support.backfill"]
+UNIT = Path(__file__).resolve().parent / "unit"
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    for item in items:
+        if UNIT not in item.path.resolve().parents:
+            item.add_marker(pytest.mark.services)
 
 
 @pytest.fixture(scope="session")

@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 from urllib.parse import quote, urlencode
 
@@ -13,33 +9,25 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from indexer.backfill.run import source_connection_options
 from indexer.cache import CacheReader
 from indexer.changes import Change, Kind
 from indexer.config import Settings
 from indexer.errors import ConfigError
-from indexer.migrate import migrate
-from indexer.store import Store
-from tests.support.backfill import SourceRow, SourceTable, checkpoints, run_backfill, source_table
-from tests.support.store import Row, at, change, read_row, read_table
+from indexer.ops.backfill.run import source_connection_options
+from indexer.readmodel.store import Store
+from tests.support.backfill import SourceRow, SourceTable, checkpoints, run_backfill
+from tests.support.clock import at
+from tests.support.commands import cli_env
+from tests.support.process import Result, run_cli
+from tests.support.store import Row, change, table
+from tests.support.tables import read_mention
 
 INS, UPD, DEL = Kind.INSERTED, Kind.UPDATED, Kind.DELETED
 LATER = datetime.now(timezone.utc) + timedelta(days=1)  # after any snapshot of this test run
 
 
-@pytest.fixture
-def source(settings: Settings) -> Iterator[SourceTable]:
-    migrate(settings.database_url, settings.schema_name)
-    with source_table(settings) as table:
-        yield table
-
-
 def rows(count: int, *, org_of: int = 5, version_at: datetime | None = None) -> list[SourceRow]:
     return [SourceRow(i, i % org_of + 1, at(i), version_at) for i in range(1, count + 1)]
-
-
-def table(settings: Settings) -> dict[int, Row]:
-    return read_table(settings.database_url, settings.schema_name)
 
 
 async def test_rows_equal_the_source_read_through_renamed_columns(settings: Settings, source: SourceTable) -> None:
@@ -96,12 +84,12 @@ async def test_second_identical_run_changes_nothing(settings: Settings, source: 
     source.execute("UPDATE {table} SET removed = true WHERE id % 10 = 0")
     query = source.query(versions=versions, deleted=True)
     await run_backfill(settings, query, batch_size=64)
-    before = [read_row(settings.database_url, settings.schema_name, i) for i in range(1, 301)]
+    before = [read_mention(settings.database_url, settings.schema_name, i) for i in range(1, 301)]
     again = await run_backfill(settings, query, batch_size=64)
     c = again.counts
     assert (c.read, c.inserted, c.updated, c.unchanged, c.stale, c.tombstoned) == (300, 0, 0, 300, 0, 0)
     # Not even updated_at moved: nothing was written.
-    assert [read_row(settings.database_url, settings.schema_name, i) for i in range(1, 301)] == before
+    assert [read_mention(settings.database_url, settings.schema_name, i) for i in range(1, 301)] == before
 
 
 async def test_prune_tombstones_exactly_the_rows_the_source_lost(settings: Settings, source: SourceTable) -> None:
@@ -191,28 +179,19 @@ async def test_resume_without_a_checkpoint_starts_from_the_beginning(settings: S
 # ---- through the command line ------------------------------------------------------------------
 
 
-def cli(settings: Settings, *args: str, source_url: str | None = None) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "SOURCE_DATABASE_URL": source_url or settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "INDEXER_SCHEMA": settings.schema_name,
-        "INDEXER_CACHE_PREFIX": settings.cache_prefix,
-    }
-    return subprocess.run(
-        [sys.executable, "-m", "indexer", "backfill", *args], env=env, capture_output=True, text=True, timeout=60
-    )
+def cli(settings: Settings, *args: str, source_url: str | None = None) -> Result:
+    env = cli_env(settings, SOURCE_DATABASE_URL=source_url or settings.database_url)
+    return run_cli(env, "backfill", *args, timeout_s=60)
 
 
 def test_cli_summary_line(settings: Settings, source: SourceTable) -> None:
     source.insert(rows(12))
     done = cli(settings, "--source-query", source.query(), "--batch-size", "5")
-    assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith(
+    assert done.code == 0, done.err
+    assert done.out.startswith(
         "backfill: read 12, inserted 12, updated 0, unchanged 0, stale-skipped 0, tombstoned 0; "
     )
-    assert "rows/s" in done.stdout
+    assert "rows/s" in done.out
 
 
 @pytest.mark.parametrize(
@@ -229,28 +208,28 @@ def test_bad_source_query_exits_2_saying_what_is_wrong(
     settings: Settings, source: SourceTable, query: str, message: str
 ) -> None:
     done = cli(settings, "--source-query", query.format(schema=source.schema))
-    assert done.returncode == 2, done.stderr
-    assert message in done.stderr
+    assert done.code == 2, done.err
+    assert message in done.err
     assert table(settings) == {}
 
 
 def test_missing_default_source_table_exits_2(settings: Settings, source: SourceTable) -> None:
     # The test database has no public.mentions.
     done = cli(settings)
-    assert done.returncode == 2 and "public.mentions" in done.stderr
+    assert done.code == 2 and "public.mentions" in done.err
 
 
 def test_unreachable_source_exits_1_with_the_password_masked(settings: Settings, source: SourceTable) -> None:
     done = cli(settings, source_url="postgresql://someone:hunter2@127.0.0.1:1/nothing")
-    assert done.returncode == 1
-    assert "postgres unavailable at postgresql://someone:***@127.0.0.1:1/nothing" in done.stderr
-    assert "hunter2" not in done.stderr + done.stdout
+    assert done.code == 1
+    assert "postgres unavailable at postgresql://someone:***@127.0.0.1:1/nothing" in done.err
+    assert "hunter2" not in done.err + done.out
 
 
 def test_empty_scope_completes(settings: Settings, source: SourceTable) -> None:
     done = cli(settings, "--source-query", source.query(), "--org", "12345", "--prune")
-    assert done.returncode == 0, done.stderr
-    assert "read 0," in done.stdout
+    assert done.code == 0, done.err
+    assert "read 0," in done.out
 
 
 async def test_source_in_another_database(settings: Settings, source: SourceTable) -> None:
@@ -298,8 +277,8 @@ def test_stacked_statements_are_refused_and_never_run(settings: Settings, source
         f"SELECT {COLUMNS} FROM {s}.posts) AS s; DELETE FROM {s}.posts; SELECT * FROM (SELECT 1",
     ):
         done = cli(settings, "--source-query", query)
-        assert done.returncode == 2, done.stderr
-        assert "the source query must be a single SELECT" in done.stderr
+        assert done.code == 2, done.err
+        assert "the source query must be a single SELECT" in done.err
     assert not relation_exists(settings, f"{s}.stacked")
     assert source_ids(source) == [1, 2, 3, 4, 5]
     assert table(settings) == {}
@@ -310,8 +289,8 @@ def test_data_modifying_query_is_refused_and_changes_nothing(settings: Settings,
     s = source.schema
     query = f"WITH d AS (DELETE FROM {s}.posts WHERE id > 2 RETURNING *) SELECT {COLUMNS} FROM d"
     done = cli(settings, "--source-query", query)
-    assert done.returncode == 2, done.stderr
-    assert "the source query must be a single SELECT that only reads" in done.stderr
+    assert done.code == 2, done.err
+    assert "the source query must be a single SELECT that only reads" in done.err
     assert source_ids(source) == [1, 2, 3, 4, 5]
     assert table(settings) == {}
 
@@ -328,8 +307,8 @@ def test_a_query_calling_a_writing_function_is_refused_and_writes_nothing(
     )
     done = cli(settings, "--source-query", f"SELECT {s}.logged(id) AS mention_id, org AS organization_id,"
                f" happened_at AS mention_date FROM {s}.posts")
-    assert done.returncode == 2, done.stderr
-    assert "only reads" in done.stderr and "read-only transaction" in done.stderr
+    assert done.code == 2, done.err
+    assert "only reads" in done.err and "read-only transaction" in done.err
     with psycopg.connect(source.url) as conn:
         assert conn.execute(sql.SQL("SELECT count(*) FROM {}").format(sql.Identifier(s, "log"))).fetchone() == (0,)
     assert table(settings) == {}
@@ -351,8 +330,8 @@ def test_stacked_statements_cannot_hide_from_the_check_in_a_copy(settings: Setti
     )
     done = cli(settings, "--source-query", query)
     assert not relation_exists(settings, f"{s}.sneaked")
-    assert done.returncode == 2, done.stderr
-    assert "the source query must be a single SELECT" in done.stderr
+    assert done.code == 2, done.err
+    assert "the source query must be a single SELECT" in done.err
     assert table(settings) == {}
 
 
@@ -399,6 +378,6 @@ async def test_a_password_in_the_query_string_is_not_recorded(
 
 def test_a_password_in_the_query_string_is_masked_in_messages(settings: Settings, source: SourceTable) -> None:
     done = cli(settings, source_url="postgresql://someone@127.0.0.1:1/nothing?password=hunter2")
-    assert done.returncode == 1
-    assert "postgresql://someone@127.0.0.1:1/nothing" in done.stderr
-    assert "hunter2" not in done.stderr + done.stdout
+    assert done.code == 1
+    assert "postgresql://someone@127.0.0.1:1/nothing" in done.err
+    assert "hunter2" not in done.err + done.out

@@ -1,37 +1,28 @@
 """A backfill running while the live path applies later changes to the same mentions ends with the
-table SPEC §6 prescribes: the source snapshot and the live changes, in version order."""
+table that applying the source snapshot and the live changes in version order gives."""
 
 from __future__ import annotations
 
 import asyncio
 import random
-from collections.abc import Iterator
 from datetime import datetime, timedelta, timezone
 
 import pytest
 
 from indexer.changes import Change, Kind
 from indexer.config import Settings
-from indexer.migrate import migrate
-from indexer.store import Store
-from tests.support.backfill import SourceRow, SourceTable, run_backfill, source_table
+from indexer.readmodel.store import Store
 from tests.support.amqp import ready_count
-from tests.support.service import publish_changes, running
-from tests.support.store import at, oracle, read_table
-from tests.support.waiting import eventually
+from tests.support.backfill import SourceRow, SourceTable, run_backfill
+from tests.support.clock import at
+from tests.support.service import acknowledged, publish_changes, running
+from tests.support.store import Row, aread_table, oracle, read_table
 
 SOURCE_ROWS = 3000
 LIVE_BATCHES = 60
 LIVE_BATCH_SIZE = 50
 # Stands for "the snapshot's time" in the oracle: below every live change, as the real one is.
 SNAPSHOT = datetime(2000, 1, 1, tzinfo=timezone.utc)
-
-
-@pytest.fixture
-def source(settings: Settings) -> Iterator[SourceTable]:
-    migrate(settings.database_url, settings.schema_name)
-    with source_table(settings) as table:
-        yield table
 
 
 def live_changes(rng: random.Random, later_than: datetime) -> list[Change]:
@@ -48,6 +39,18 @@ def live_changes(rng: random.Random, later_than: datetime) -> list[Change]:
             )
         )
     return changes
+
+
+def assert_oracle(got: dict[int, Row], expected: dict[int, Row], started: datetime, finished: datetime) -> None:
+    """``got`` is the oracle's table, where a backfilled row that is the newest carries the time of
+    its snapshot, taken while the backfill ran, for ``SNAPSHOT``."""
+    assert got.keys() == expected.keys()
+    for mention_id, want in expected.items():
+        row = got[mention_id]
+        if want.transaction_timestamp == SNAPSHOT:  # the backfilled row is the newest
+            assert started <= row.transaction_timestamp <= finished
+            row = row._replace(transaction_timestamp=SNAPSHOT)
+        assert row == want, mention_id
 
 
 @pytest.mark.slow
@@ -83,15 +86,7 @@ async def test_backfill_racing_live_changes_converges_on_the_oracle(settings: Se
     backfilled = [
         Change(Kind.DELETED if r.removed else Kind.INSERTED, r.id, r.org, r.happened_at, SNAPSHOT) for r in source_rows
     ]
-    expected = oracle(backfilled + live)
-    got = read_table(settings.database_url, settings.schema_name)
-    assert got.keys() == expected.keys()
-    for mention_id, want in expected.items():
-        row = got[mention_id]
-        if want.transaction_timestamp == SNAPSHOT:  # the backfilled row is the newest
-            assert started <= row.transaction_timestamp <= finished
-            row = row._replace(transaction_timestamp=SNAPSHOT)
-        assert row == want, mention_id
+    assert_oracle(read_table(settings.database_url, settings.schema_name), oracle(backfilled + live), started, finished)
 
 
 @pytest.mark.slow
@@ -105,23 +100,15 @@ async def test_backfill_while_run_consumes_a_live_stream_converges_on_the_oracle
     started = datetime.now(timezone.utc)
     live = live_changes(rng, later_than=started + timedelta(hours=1))[:1500]
 
-    async with running(settings):
+    async with running(settings) as service:
         publishing = asyncio.create_task(publish_changes(settings, live))
         await run_backfill(settings, source.query(), batch_size=50)
+        finished = datetime.now(timezone.utc)
         backfill_ended_while_publishing = not publishing.done()
         await publishing
-        expected = oracle(
-            [Change(Kind.INSERTED, r.id, r.org, r.happened_at, SNAPSHOT) for r in rows] + live
-        )
-
-        async def converged() -> bool:
-            got = read_table(settings.database_url, settings.schema_name)
-            return got.keys() == expected.keys() and all(
-                (got[m]._replace(transaction_timestamp=SNAPSHOT) if want.transaction_timestamp == SNAPSHOT else got[m])
-                == want
-                for m, want in expected.items()
-            )
-
-        await eventually(converged, timeout_s=60)
+        await acknowledged(service, len(live), timeout_s=60)
+        got = await aread_table(settings.database_url, settings.schema_name)
+    backfilled = [Change(Kind.INSERTED, r.id, r.org, r.happened_at, SNAPSHOT) for r in rows]
+    assert_oracle(got, oracle(backfilled + live), started, finished)
     assert backfill_ended_while_publishing, "the backfill and the live stream did not overlap"
     assert await ready_count(settings.amqp_url, settings.dlq) == 0

@@ -7,7 +7,7 @@ import logging
 
 import pytest
 
-from indexer.progress import Progress
+from indexer.ops.progress import Progress
 
 
 class Clock:
@@ -40,7 +40,7 @@ def test_terminal_redraws_are_throttled() -> None:
 def test_without_a_terminal_it_logs_plain_lines(caplog: pytest.LogCaptureFixture) -> None:
     clock, out = Clock(), io.StringIO()
     progress = Progress("backfill", 10, out, terminal=False, clock=clock)
-    with caplog.at_level(logging.INFO, logger="indexer.progress"):
+    with caplog.at_level(logging.INFO, logger="indexer.ops.progress"):
         progress.advance(1)  # too soon for a log line
         clock.now_s += 30
         progress.advance(4)

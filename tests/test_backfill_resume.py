@@ -2,50 +2,28 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
-import time
-from collections.abc import Iterator
 
 import psycopg
 import pytest
 from psycopg import sql
 
 from indexer.config import Settings
-from indexer.migrate import migrate
-from tests.support.backfill import SourceRow, SourceTable, checkpoints, run_backfill, source_table
-from tests.support.store import at, read_table
+from tests.support.backfill import SourceRow, SourceTable, checkpoints, run_backfill
+from tests.support.clock import at
+from tests.support.commands import cli_env
+from tests.support.process import spawn
+from tests.support.store import read_table
+from tests.support.waiting import eventually_sync
 
 ROWS = 50_000
 BATCH = 200
 
 
-@pytest.fixture
-def source(settings: Settings) -> Iterator[SourceTable]:
-    migrate(settings.database_url, settings.schema_name)
-    with source_table(settings) as table:
-        # Explicit versions, so that two runs give identical tables, timestamps included.
-        table.insert(SourceRow(i, i % 97 + 1, at(i), at(10 * i), removed=i % 13 == 0) for i in range(1, ROWS + 1))
-        yield table
-
-
 def backfill_process(settings: Settings, *args: str) -> subprocess.Popen[str]:
-    env = {
-        **os.environ,
-        "DATABASE_URL": settings.database_url,
-        "REDIS_URL": settings.redis_url,
-        "INDEXER_SCHEMA": settings.schema_name,
-        "INDEXER_CACHE_PREFIX": settings.cache_prefix,
-    }
-    return subprocess.Popen(
-        [sys.executable, "-m", "indexer", "backfill", "--batch-size", str(BATCH), *args],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    return spawn(cli_env(settings), "backfill", "--batch-size", str(BATCH), *args,
+                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
 def committed_position(settings: Settings) -> tuple[int | None, bool]:
@@ -69,6 +47,8 @@ def reset(settings: Settings) -> None:
 
 @pytest.mark.slow
 async def test_resume_after_kill_9_gives_the_uninterrupted_table(settings: Settings, source: SourceTable) -> None:
+    # Explicit versions, so that two runs give identical tables, timestamps included.
+    source.insert(SourceRow(i, i % 97 + 1, at(i), at(10 * i), removed=i % 13 == 0) for i in range(1, ROWS + 1))
     query = source.query(versions=True, deleted=True)
     await run_backfill(settings, query, batch_size=BATCH)
     uninterrupted = read_table(settings.database_url, settings.schema_name)
@@ -76,14 +56,14 @@ async def test_resume_after_kill_9_gives_the_uninterrupted_table(settings: Setti
     reset(settings)
 
     process = backfill_process(settings, "--source-query", query)
-    deadline = time.monotonic() + 60
-    while True:
-        last, completed = committed_position(settings)
-        if last is not None:
-            break
+
+    def checkpointed() -> bool:
+        if committed_position(settings)[0] is not None:
+            return True
         assert process.poll() is None, process.communicate()
-        assert time.monotonic() < deadline, "no checkpoint within 60 s"
-        time.sleep(0.005)
+        return False
+
+    eventually_sync(checkpointed, timeout_s=60, interval_s=0.005, what="a checkpoint")
     process.send_signal(signal.SIGKILL)
     process.communicate(timeout=10)  # reaps it and closes its pipes
     last, completed = committed_position(settings)

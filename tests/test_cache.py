@@ -1,10 +1,10 @@
-"""Per-organization caches (SPEC §7) on the real Redis: layout, invalidation, the fill helper."""
+"""Per-organization caches on the real Redis: layout, invalidation, the fill helper."""
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 
 import pytest
 import redis
@@ -13,6 +13,7 @@ from indexer import cache
 from indexer.cache import AsyncCacheReader, CacheInvalidator, CacheReader
 from indexer.config import Settings
 from indexer.errors import Unavailable
+from tests.support.cache_fixtures import assert_untouched, planted
 
 
 class Loader:
@@ -25,12 +26,6 @@ class Loader:
     def __call__(self) -> bytes | str:
         self.calls += 1
         return self.value
-
-
-@pytest.fixture
-async def reader(settings: Settings) -> AsyncIterator[AsyncCacheReader]:
-    async with AsyncCacheReader.from_settings(settings) as r:
-        yield r
 
 
 @pytest.fixture
@@ -48,14 +43,8 @@ def foreign_keys(admin: redis.Redis, prefix: str) -> Iterator[list[str]]:
         f"{prefix}:{{1}}x",  # the org's tag without the namespace's colon
         f"{prefix}:{{1",
     ]
-    for name in names:
-        admin.set(name, b"foreign")
-    yield names
-    admin.delete(*names)
-
-
-def assert_untouched(admin: redis.Redis, names: list[str]) -> None:
-    assert [admin.get(name) for name in names] == [b"foreign"] * len(names)
+    with planted(admin, names):
+        yield names
 
 
 # ---- layout and validation ----------------------------------------------------------------------
@@ -69,7 +58,8 @@ def test_key_layout() -> None:
     assert cache.registry_key("p") == "p:orgs"
 
 
-@pytest.mark.parametrize("org", [-1, 2**63, True, "1", 1.0, None])
+# 0 is protobuf's "not set": never an organization, so never a namespace either.
+@pytest.mark.parametrize("org", [0, -1, 2**63, True, "1", 1.0, None])
 async def test_bad_org_is_refused_before_any_io(org: object) -> None:
     # A closed port: a refusal must come from validation, not from Redis.
     async with AsyncCacheReader("redis://127.0.0.1:1/0", "p") as r, CacheInvalidator("redis://127.0.0.1:1/0", "p") as inv:
@@ -128,7 +118,7 @@ def test_sync_reader_miss_hit_and_invalidation(sync_reader: CacheReader, setting
 
     async def invalidate() -> int:
         async with CacheInvalidator.from_settings(settings) as inv:
-            await inv.ping()
+            await inv.start()
             return await inv.invalidate([3])
 
     assert asyncio.run(invalidate()) == 1
@@ -229,7 +219,7 @@ async def test_invalidate_deletes_exactly_that_orgs_keys(
 
 async def test_invalidate_of_orgs_without_keys(invalidator: CacheInvalidator, admin: redis.Redis, prefix: str) -> None:
     assert await invalidator.invalidate([]) == 0
-    assert await invalidator.invalidate([42, 0]) == 0
+    assert await invalidator.invalidate([42, 43]) == 0
     # It still moves the epoch on: a fill in flight for that org must not store.
     assert admin.exists(cache.epoch_key(prefix, 42)) == 1
 
@@ -265,9 +255,9 @@ async def test_invalidate_many_keys_and_many_orgs(
     assert await invalidator.invalidate([1]) == 2500
     assert admin.exists(cache.index_key(prefix, 1)) == 0
 
-    for org in range(1200):
+    for org in range(1, 1201):
         fill_keys(org, 1)
-    assert await invalidator.invalidate(range(1200)) == 1200
+    assert await invalidator.invalidate(range(1, 1201)) == 1200
 
 
 async def test_invalidate_all_clears_every_registered_org(
@@ -303,7 +293,7 @@ async def test_client_passed_in_stays_open(settings: Settings) -> None:
     client = redis.asyncio.Redis.from_url(settings.redis_url)
     try:
         async with CacheInvalidator(client, settings.cache_prefix) as inv:
-            await inv.ping()
+            await inv.start()
             assert "127.0.0.1" in inv.url or "localhost" in inv.url
         assert await client.ping()
     finally:
@@ -324,7 +314,7 @@ def assert_unavailable(exc: Unavailable) -> None:
 async def test_unreachable_redis_is_unavailable_without_leaking_the_password() -> None:
     started = time.monotonic()
     async with CacheInvalidator(SECRET_URL, "p") as inv:
-        for call in (inv.ping(), inv.invalidate([1]), inv.invalidate_all()):
+        for call in (inv.start(), inv.invalidate([1]), inv.invalidate_all()):
             with pytest.raises(Unavailable) as info:
                 await call
             assert_unavailable(info.value)

@@ -1,4 +1,4 @@
-"""Invalidation never walks the keyspace and never leaves its organization (SPEC §7).
+"""Invalidation never walks the keyspace and never leaves its organization.
 
 Proved with Redis ACLs rather than server-wide statistics (other processes share the server): the
 cache code runs as a user that may not SCAN, KEYS or RANDOMKEY and may only touch the key
@@ -21,6 +21,7 @@ from indexer import cache
 from indexer.cache import AsyncCacheReader, CacheInvalidator, CacheReader
 from indexer.config import Settings
 from indexer.errors import ConfigError
+from tests.support.cache_fixtures import assert_untouched, planted
 
 RestrictedUrl = Callable[[list[str]], str]
 
@@ -59,11 +60,8 @@ async def populated(settings: Settings, admin: redis.Redis) -> AsyncIterator[lis
         for org in (1, 2):
             for key in ("a", "b"):
                 await reader.get_or_fill(org, key, lambda: b"v")
-    foreign = [f"{prefix}x:{{1}}:a", f"{prefix}-other:{{1}}:a"]
-    for name in foreign:
-        admin.set(name, b"foreign")
-    yield foreign
-    admin.delete(*foreign)
+    with planted(admin, [f"{prefix}x:{{1}}:a", f"{prefix}-other:{{1}}:a"]) as foreign:
+        yield foreign
 
 
 def test_the_restricted_user_is_really_restricted(restricted_url: RestrictedUrl, settings: Settings) -> None:
@@ -83,14 +81,14 @@ async def test_invalidating_one_org_touches_only_that_org(
     prefix = settings.cache_prefix
     url = restricted_url(org_patterns(prefix, 1))
     async with CacheInvalidator(url, prefix) as inv:
-        await inv.ping()
+        await inv.start()
         assert await inv.invalidate([1]) == 2
         # Control: org 2 is out of bounds for this user, so the ACL does bite on this path.
         with pytest.raises(redis.exceptions.NoPermissionError):
             await inv.invalidate([2])
     assert admin.exists(cache.data_key(prefix, 1, "a"), cache.data_key(prefix, 1, "b")) == 0
     assert admin.exists(cache.data_key(prefix, 2, "a"), cache.data_key(prefix, 2, "b")) == 2
-    assert [admin.get(name) for name in populated] == [b"foreign", b"foreign"]
+    assert_untouched(admin, populated)
 
 
 async def test_invalidate_all_scans_only_its_registry(
@@ -98,9 +96,9 @@ async def test_invalidate_all_scans_only_its_registry(
 ) -> None:
     prefix = settings.cache_prefix
     async with CacheInvalidator(restricted_url([f"{prefix}:*"]), prefix) as inv:
-        await inv.ping()
+        await inv.start()
         assert await inv.invalidate_all() == 4
-    assert [admin.get(name) for name in populated] == [b"foreign", b"foreign"]
+    assert_untouched(admin, populated)
 
 
 async def test_readers_touch_only_their_org_and_the_registry(
@@ -143,14 +141,14 @@ async def test_key_tracking_needs_permissions_auto_falls_back_on_refuses(
     prefix = settings.cache_prefix
     url = restricted_url([f"{prefix}:*"])
     async with CacheInvalidator(url, prefix) as inv:
-        with caplog.at_level(logging.WARNING, logger="indexer.cache_tracker"):
-            await inv.ping()
+        with caplog.at_level(logging.WARNING, logger="indexer.cache.tracker"):
+            await inv.start()
             assert await inv.invalidate([1]) == 2
             assert await inv.invalidate_all() == 2
         assert inv.tracker.active is False
     assert caplog.text.count("cannot track keys written directly") == 1
     async with CacheInvalidator(url, prefix, track_direct_keys="on") as inv:
         with pytest.raises(ConfigError, match="INDEXER_TRACK_DIRECT_KEYS=on") as info:
-            await inv.ping()
+            await inv.start()
     assert urlsplit(url).password not in str(info.value)
-    assert [admin.get(name) for name in populated] == [b"foreign", b"foreign"]
+    assert_untouched(admin, populated)

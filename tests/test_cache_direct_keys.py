@@ -1,7 +1,7 @@
-"""Keys written into an organization's namespace without the cache helper are invalidated too (SPEC §7).
+"""Keys written into an organization's namespace without the cache helper are invalidated too.
 
 Another service (or a black-box test) may write ``P:{42}:whatever`` with a plain SET; the
-invalidator's key tracker (indexer/cache_tracker.py) indexes such keys from keyspace
+invalidator's key tracker (indexer/cache/tracker.py) indexes such keys from keyspace
 notifications, and each invalidation first waits until every key created before it is indexed.
 """
 
@@ -9,19 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, TypeVar
+from collections.abc import Iterator
 
 import pytest
 import redis
 import redis.asyncio
 
-from indexer import cache, cache_tracker
+from indexer import cache
 from indexer.cache import AsyncCacheReader, CacheInvalidator
+from indexer.cache import tracker as cache_tracker
 from indexer.config import Settings, load_settings
 from indexer.errors import ConfigError, Unavailable
-
-T = TypeVar("T")
+from tests.support.cache_fixtures import assert_untouched, planted, retrying, tracker_connection
+from tests.support.waiting import eventually
 
 
 @pytest.fixture
@@ -35,37 +35,8 @@ def outsiders(admin: redis.Redis, prefix: str) -> Iterator[list[str]]:
         f"{prefix}-other:{{42}}:foo",  # another prefix that starts like ours
         f"{prefix}x:{{42}}:foo",
     ]
-    for name in names:
-        admin.set(name, b"outsider")
-    yield names
-    admin.delete(*names)
-
-
-def assert_untouched(admin: redis.Redis, names: list[str]) -> None:
-    assert [admin.get(name) for name in names] == [b"outsider"] * len(names)
-
-
-async def retrying(call: Callable[[], Awaitable[T]], *, within_s: float = 5.0) -> tuple[T, int]:
-    """``call()`` again while it raises ``Unavailable``, as the caller's retry loop does (holding
-    the ack meanwhile); its result and how many times it was unavailable."""
-    deadline = asyncio.get_running_loop().time() + within_s
-    unavailable = 0
-    while True:
-        try:
-            return await call(), unavailable
-        except Unavailable as exc:
-            assert exc.service == "redis"
-            unavailable += 1
-            if asyncio.get_running_loop().time() > deadline:
-                raise
-            await asyncio.sleep(0.01)
-
-
-def tracker_connection(admin: redis.Redis, inv: CacheInvalidator) -> dict[str, Any]:
-    """Our subscribed connection, found by its name: other processes share this Redis."""
-    mine = [c for c in admin.client_list() if c.get("name") == inv.tracker.client_name]
-    assert len(mine) == 1, mine
-    return mine[0]
+    with planted(admin, names):
+        yield names
 
 
 # ---- the barrier --------------------------------------------------------------------------------
@@ -74,7 +45,7 @@ def tracker_connection(admin: redis.Redis, inv: CacheInvalidator) -> dict[str, A
 async def test_key_set_right_before_invalidate_is_deleted(
     invalidator: CacheInvalidator, admin: redis.Redis, prefix: str, outsiders: list[str]
 ) -> None:
-    await invalidator.ping()
+    await invalidator.start()
     assert invalidator.tracker.active is True
     names = [f"{prefix}:{{42}}:foo", f"{prefix}:{{42}}:a:b {{c}}", f"{prefix}:{{42}}:"]
     for round_ in range(200):
@@ -92,7 +63,7 @@ async def test_key_set_right_before_invalidate_is_deleted(
 async def test_many_direct_keys_and_concurrent_invalidations(
     invalidator: CacheInvalidator, admin: redis.Redis, prefix: str, outsiders: list[str]
 ) -> None:
-    await invalidator.ping()
+    await invalidator.start()
     orgs = range(100, 120)
     for round_ in range(5):
         pipe = admin.pipeline(transaction=False)
@@ -128,7 +99,7 @@ async def test_invalidate_all_deletes_direct_keys_of_every_org(
     invalidator: CacheInvalidator, admin: redis.Redis, prefix: str, outsiders: list[str]
 ) -> None:
     admin.set(f"{prefix}:{{7}}:before", b"direct")
-    await invalidator.ping()
+    await invalidator.start()
     admin.set(f"{prefix}:{{8}}:after", b"direct")
     admin.set(f"{prefix}:{{9223372036854775807}}:max", b"direct")
     # Org 43 has a key too (the outsiders fixture), so it is flushed with the rest.
@@ -141,14 +112,14 @@ async def test_invalidate_all_deletes_direct_keys_of_every_org(
 async def test_direct_key_gets_the_fill_helpers_bookkeeping(
     invalidator: CacheInvalidator, settings: Settings, admin: redis.Redis, prefix: str
 ) -> None:
-    await invalidator.ping()
+    await invalidator.start()
     admin.set(f"{prefix}:{{1}}:short", b"direct", ex=100)
-    await invalidator.ping()  # a barrier: indexed by now
+    await invalidator.start()  # a barrier: indexed by now
     index = cache.index_key(prefix, 1)
     assert admin.sismember(index, f"{prefix}:{{1}}:short")
     assert 90_000 < admin.pttl(index) <= 100_000  # outlives its member
     admin.set(f"{prefix}:{{1}}:forever", b"direct")
-    await invalidator.ping()
+    await invalidator.start()
     assert admin.pttl(index) == -1
 
     # Indexed keys are served by the readers, like filled ones.
@@ -160,7 +131,7 @@ async def test_direct_key_gets_the_fill_helpers_bookkeeping(
 async def test_an_invalidation_never_scans(
     invalidator: CacheInvalidator, admin: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await invalidator.ping()  # the one SCAN, at start
+    await invalidator.start()  # the one SCAN, at start
 
     def no_scan(*args: object, **kwargs: object) -> None:
         raise AssertionError("SCAN during an invalidation")
@@ -252,7 +223,7 @@ async def test_servers_without_new_key_events_are_refused(version: str, flags: s
 async def test_killed_subscription_is_restored_and_catches_up(
     invalidator: CacheInvalidator, admin: redis.Redis, prefix: str, outsiders: list[str]
 ) -> None:
-    await invalidator.ping()
+    await invalidator.start()
     for round_ in range(10):
         killed = tracker_connection(admin, invalidator)
         assert admin.client_kill_filter(_id=killed["id"]) == 1
@@ -268,7 +239,7 @@ async def test_killed_subscription_is_restored_and_catches_up(
 async def test_lost_notification_flags_restart_the_tracker(
     invalidator: CacheInvalidator, admin: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    await invalidator.ping()
+    await invalidator.start()
     first = tracker_connection(admin, invalidator)["id"]
     tracker = invalidator.tracker
     real_flags = tracker._flags
@@ -295,17 +266,16 @@ async def test_failed_start_is_retried(
 
     monkeypatch.setattr(tracker, "_adopt_existing", broken)
     with pytest.raises(Unavailable, match="connection reset by peer"):
-        await invalidator.ping()
+        await invalidator.start()
     # An invalidation begins the next attempt and is unavailable, telling why the last one failed.
     with pytest.raises(Unavailable, match="cache key tracking is starting"):
         await invalidator.invalidate([42])
     assert tracker.active is None
-    for _ in range(100):  # the subscription opened for that start is closed
-        if not [c for c in admin.client_list() if c.get("name") == tracker.client_name]:
-            break
-        await asyncio.sleep(0.01)
-    else:
-        pytest.fail("the subscription of the failed start is still open")
+
+    async def closed() -> bool:  # the subscription opened for that start
+        return not [c for c in admin.client_list() if c.get("name") == tracker.client_name]
+
+    await eventually(closed, timeout_s=1, interval_s=0.01, what="the subscription of the failed start closed")
 
     monkeypatch.setattr(tracker, "_adopt_existing", real_adopt)
     admin.set(f"{prefix}:{{42}}:foo", b"direct")
@@ -324,9 +294,9 @@ async def test_auto_falls_back_once_with_a_warning(
 
     async with CacheInvalidator.from_settings(settings) as inv:
         monkeypatch.setattr(inv.tracker, "_flags", no_config)
-        with caplog.at_level(logging.WARNING, logger="indexer.cache_tracker"):
+        with caplog.at_level(logging.WARNING, logger="indexer.cache.tracker"):
             admin.set(f"{prefix}:{{42}}:direct", b"direct")
-            await inv.ping()
+            await inv.start()
             assert await inv.invalidate([42]) == 0
             assert await inv.invalidate([42]) == 0
         assert inv.tracker.active is False
@@ -337,4 +307,4 @@ async def test_auto_falls_back_once_with_a_warning(
     async with CacheInvalidator.from_settings(on) as inv:
         monkeypatch.setattr(inv.tracker, "_flags", no_config)
         with pytest.raises(ConfigError, match="INDEXER_TRACK_DIRECT_KEYS=on"):
-            await inv.ping()
+            await inv.start()

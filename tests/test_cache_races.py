@@ -10,20 +10,12 @@ import asyncio
 import random
 import threading
 import time
-from collections.abc import AsyncIterator
 
-import pytest
 import redis
 
 from indexer import cache
 from indexer.cache import AsyncCacheReader, CacheInvalidator, CacheReader
 from indexer.config import Settings
-
-
-@pytest.fixture
-async def reader(settings: Settings) -> AsyncIterator[AsyncCacheReader]:
-    async with AsyncCacheReader.from_settings(settings) as r:
-        yield r
 
 
 async def test_fill_after_an_invalidation_is_refused(
@@ -60,7 +52,7 @@ def test_sync_fill_after_an_invalidation_is_refused(settings: Settings, admin: r
 
         async def invalidate() -> None:
             async with CacheInvalidator.from_settings(settings) as inv:
-                await inv.ping()
+                await inv.start()
                 await inv.invalidate([1])
 
         asyncio.run(invalidate())

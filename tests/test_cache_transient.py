@@ -1,5 +1,5 @@
 """Redis replies that pass by themselves are ``Unavailable`` (retried, nothing acknowledged), never
-a crash, and never a reason for the key tracker to stop for good (SPEC §7, §9).
+a crash, and never a reason for the key tracker to stop for good.
 
 A Redis server of the test's own is started for the replies that need a server-wide setting (a
 BUSY server, NOREPLICAS): the shared one is used by other tests and processes.  Replies that a
@@ -12,10 +12,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
-import socket
 import subprocess
 import threading
-import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -27,14 +25,11 @@ import redis.exceptions
 from indexer import cache
 from indexer.cache import CacheInvalidator
 from indexer.errors import ConfigError, Unavailable
+from tests.support.cache_fixtures import retrying, tracker_connection
+from tests.support.process import free_port
+from tests.support.waiting import eventually, eventually_sync
 
 BUSY_MS = 100  # the server answers BUSY once a script has run this long
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -52,14 +47,16 @@ def own_redis() -> Iterator[str]:
     url = f"redis://127.0.0.1:{port}/0"
     try:
         client = redis.Redis.from_url(url)
-        for _ in range(200):
+
+        def answers() -> bool:
             try:
-                client.ping()
-                break
+                return bool(client.ping())
             except redis.exceptions.ConnectionError:
                 if process.poll() is not None:
                     pytest.skip("redis-server would not start (Redis >= 7 needed)")
-                time.sleep(0.02)
+                return False
+
+        eventually_sync(answers, timeout_s=10, interval_s=0.02, what="the module's own redis-server answering")
         client.close()
         yield url
     finally:
@@ -93,23 +90,19 @@ def busy(url: str, admin: redis.Redis, seconds: float = 1.5) -> Iterator[None]:
     thread = threading.Thread(target=lambda: redis.Redis.from_url(url).eval(_BUSY_LUA, 0, int(seconds * 1000)))
     thread.start()
     try:
-        deadline = time.monotonic() + seconds
-        while True:
+
+        def busy_now() -> bool:
             try:
                 admin.ping()
             except redis.exceptions.ResponseError as exc:
                 assert str(exc).startswith("BUSY"), exc
-                break
-            assert time.monotonic() < deadline, "the server never got busy"
-            time.sleep(0.01)
+                return True
+            return False
+
+        eventually_sync(busy_now, timeout_s=seconds, interval_s=0.01, what="the server busy")
         yield
     finally:
         thread.join()
-
-
-def tracker_connection(admin: redis.Redis, inv: CacheInvalidator) -> dict[str, Any]:
-    (mine,) = [c for c in admin.client_list() if c.get("name") == inv.tracker.client_name]
-    return mine
 
 
 # ---- the invalidator ----------------------------------------------------------------------------
@@ -121,7 +114,7 @@ async def test_busy_server_is_unavailable_then_invalidation_goes_through(
     admin.sadd(cache.index_key(prefix, 1), cache.data_key(prefix, 1, "k"))
     admin.set(cache.data_key(prefix, 1, "k"), b"v")
     async with CacheInvalidator(own_redis, prefix, track_direct_keys="off") as inv:
-        await inv.ping()
+        await inv.start()
         with busy(own_redis, admin):
             for call in (inv.ping, lambda: inv.invalidate([1]), inv.invalidate_all):
                 with pytest.raises(Unavailable, match="BUSY") as info:
@@ -134,7 +127,7 @@ async def test_no_replicas_is_unavailable(own_redis: str, admin: redis.Redis, pr
     admin.sadd(cache.index_key(prefix, 1), cache.data_key(prefix, 1, "k"))
     admin.set(cache.data_key(prefix, 1, "k"), b"v")
     async with CacheInvalidator(own_redis, prefix, track_direct_keys="off") as inv:
-        await inv.ping()
+        await inv.start()
         admin.config_set("min-replicas-to-write", 1)  # no replica here: every write is refused
         try:
             with pytest.raises(Unavailable, match="NOREPLICAS"):
@@ -239,20 +232,9 @@ def test_reply_codes() -> None:
 @pytest.fixture
 async def tracking(own_redis: str, prefix: str) -> AsyncIterator[CacheInvalidator]:
     async with CacheInvalidator(own_redis, prefix, track_direct_keys="auto") as inv:
-        await inv.ping()
+        await inv.start()
         assert inv.tracker.active is True
         yield inv
-
-
-async def retrying(inv: CacheInvalidator, org: int, within_s: float = 5.0) -> int:
-    deadline = time.monotonic() + within_s
-    while True:
-        try:
-            return await inv.invalidate([org])
-        except Unavailable:
-            if time.monotonic() > deadline:
-                raise
-            await asyncio.sleep(0.01)
 
 
 async def test_tracker_keeps_tracking_through_a_busy_server(
@@ -264,10 +246,10 @@ async def test_tracker_keeps_tracking_through_a_busy_server(
         with pytest.raises(Unavailable, match="BUSY"):
             await tracking.invalidate([42])
         with pytest.raises(Unavailable, match="BUSY"):
-            await tracking.ping()
+            await tracking.start()
     assert tracking.tracker.active is True
     admin.set(f"{prefix}:{{42}}:direct", b"direct")
-    assert await retrying(tracking, 42) == 1
+    assert (await retrying(lambda: tracking.invalidate([42])))[0] == 1
     assert admin.exists(f"{prefix}:{{42}}:direct") == 0
     # The BUSY answer to the barrier's PING did not cost the subscription (nor a SCAN).
     assert tracker_connection(admin, tracking)["id"] == subscribed
@@ -301,7 +283,7 @@ async def test_tracker_waits_out_a_reply_that_may_pass(
         await tracking.invalidate([42])
     assert tracker.active is True
     admin.set(f"{prefix}:{{42}}:direct", b"direct")
-    assert await retrying(tracking, 42) == 1
+    assert (await retrying(lambda: tracking.invalidate([42])))[0] == 1
 
 
 @pytest.mark.parametrize(
@@ -321,12 +303,12 @@ async def test_tracker_falls_back_only_when_refused_for_good(
 
     async with CacheInvalidator(own_redis, prefix) as inv:
         monkeypatch.setattr(inv.tracker, "_flags", refused)
-        await inv.ping()
+        await inv.start()
         assert inv.tracker.active is False
     async with CacheInvalidator(own_redis, prefix, track_direct_keys="on") as inv:
         monkeypatch.setattr(inv.tracker, "_flags", refused)
         with pytest.raises(ConfigError, match="INDEXER_TRACK_DIRECT_KEYS=on"):
-            await inv.ping()
+            await inv.start()
 
 
 async def test_restart_runs_in_the_background_never_inside_an_invalidation(
@@ -349,18 +331,17 @@ async def test_restart_runs_in_the_background_never_inside_an_invalidation(
     admin.set(f"{prefix}:{{42}}:written-while-down", b"direct")  # its notification is lost
 
     # The restart begins by itself, as soon as the subscription is lost, before any invalidation.
-    for _ in range(500):
-        if scans:
-            break
-        await asyncio.sleep(0.01)
-    assert scans, "no restart began after the subscription was lost"
+    async def restarting() -> bool:
+        return bool(scans)
+
+    await eventually(restarting, timeout_s=5, interval_s=0.01, what="a restart begun after the subscription was lost")
     # While its SCAN runs, an invalidation does not wait for it: it is unavailable at once.
     for _ in range(3):
         with pytest.raises(Unavailable, match="cache key tracking is starting"):
             await asyncio.wait_for(tracking.invalidate([42]), 1)
     assert len(scans) == 1  # one restart, not one per invalidation
     gate.set()
-    assert await retrying(tracking, 42) == 1
+    assert (await retrying(lambda: tracking.invalidate([42])))[0] == 1
     assert admin.exists(f"{prefix}:{{42}}:written-while-down") == 0
     assert tracker_connection(admin, tracking)["id"] != killed["id"]
     current = asyncio.current_task()

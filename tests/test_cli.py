@@ -1,12 +1,11 @@
-"""The command line's contract (SPEC §8): exit 2 for bad usage or configuration with a message saying
-what to fix, exit 1 for a run-time failure naming the service and its masked URL, help exits 0.
+"""The command line's contract: exit 2 for bad usage or configuration with a message saying what to
+fix, exit 1 for a run-time failure naming the service and its masked URL, help exits 0.
 
 Configuration errors are found before anything is connected to, so most of these need no service.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import subprocess
 import sys
@@ -15,19 +14,12 @@ from pathlib import Path
 import pytest
 
 from indexer.config import Settings
-from tests.support.commands import Result, call_main, cli_env, run_cli
+from tests.support.commands import call_main, cli_env
+from tests.support.process import Result, clean_environment, run_cli
 
 SECRET = "s3cret"
 UNREACHABLE = f"amqp://guest:{SECRET}@127.0.0.1:1/"
 UNREACHABLE_MASKED = "amqp://guest:***@127.0.0.1:1/"
-
-
-def bare_env(**extra: str) -> dict[str, str]:
-    """The outer environment without any of ours: every setting at its default unless given."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith("INDEXER_") and k not in ("DATABASE_URL", "SOURCE_DATABASE_URL", "REDIS_URL", "AMQP_URL")}
-    env.update(extra)
-    return env
 
 
 def assert_no_traceback(result: Result) -> None:
@@ -37,9 +29,9 @@ def assert_no_traceback(result: Result) -> None:
 def test_bad_variable_exits_2_naming_it_through_the_installed_command() -> None:
     script = shutil.which("mention-indexer", path=str(Path(sys.executable).parent))
     argv = [script, "run"] if script else [sys.executable, "-m", "indexer", "run"]
-    done = subprocess.run(argv, env=bare_env(INDEXER_BATCH_SIZE="abc"), capture_output=True, text=True, timeout=30)
+    done = subprocess.run(argv, env=clean_environment(INDEXER_BATCH_MESSAGES="abc"), capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, done.stderr
-    assert "INDEXER_BATCH_SIZE" in done.stderr and "'abc'" in done.stderr
+    assert "INDEXER_BATCH_MESSAGES" in done.stderr and "'abc'" in done.stderr
     assert "Traceback" not in done.stderr
 
 
@@ -48,7 +40,7 @@ def test_bad_variable_exits_2_naming_it_through_the_installed_command() -> None:
     [
         (["run", "--schema", "bad name"], {}, "INDEXER_SCHEMA"),
         (["migrate"], {"INDEXER_SCHEMA": "drop;table"}, "INDEXER_SCHEMA"),
-        (["run"], {"INDEXER_PREFETCH": "10", "INDEXER_BATCH_SIZE": "100"}, "INDEXER_PREFETCH"),
+        (["run"], {"INDEXER_PREFETCH": "10", "INDEXER_BATCH_MESSAGES": "100"}, "INDEXER_PREFETCH"),
         (["run", "--http-port", "70000"], {}, "INDEXER_HTTP_PORT"),
         (["run"], {"INDEXER_QUEUE_TYPE": "stream"}, "INDEXER_QUEUE_TYPE"),
         (["refresh-cache", "--cache-prefix", "a*"], {}, "INDEXER_CACHE_PREFIX"),
@@ -59,7 +51,7 @@ def test_bad_variable_exits_2_naming_it_through_the_installed_command() -> None:
 def test_bad_configuration_exits_2_naming_the_variable(
     argv: list[str], env: dict[str, str], names: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = call_main(argv, bare_env(**env), monkeypatch, capsys)
+    result = call_main(argv, clean_environment(**env), monkeypatch, capsys)
     assert result.code == 2, result
     assert names in result.err and "configuration error" in result.err
     assert result.out == ""
@@ -83,14 +75,14 @@ def test_bad_configuration_exits_2_naming_the_variable(
 def test_bad_url_exits_2_without_echoing_the_password(
     argv: list[str], env: dict[str, str], variable: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    result = call_main(argv, bare_env(**env), monkeypatch, capsys)
+    result = call_main(argv, clean_environment(**env), monkeypatch, capsys)
     assert result.code == 2, result
     assert variable in result.err
     assert SECRET not in result.err + result.out
 
 
 def test_bad_url_exits_2_without_echoing_the_password_in_a_subprocess() -> None:
-    result = run_cli(bare_env(AMQP_URL=f"http://guest:{SECRET}@127.0.0.1:5672/"), "run")
+    result = run_cli(clean_environment(AMQP_URL=f"http://guest:{SECRET}@127.0.0.1:5672/"), "run")
     assert result.code == 2 and "AMQP_URL" in result.err
     assert SECRET not in result.err + result.out
     assert_no_traceback(result)
@@ -114,14 +106,14 @@ def test_bad_url_exits_2_without_echoing_the_password_in_a_subprocess() -> None:
 )
 def test_help_exits_0(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
     # An invalid variable in the environment must not stop --help.
-    result = call_main([*argv, "--help"], bare_env(INDEXER_BATCH_SIZE="abc"), monkeypatch, capsys)
+    result = call_main([*argv, "--help"], clean_environment(INDEXER_BATCH_MESSAGES="abc"), monkeypatch, capsys)
     assert result.code == 0
     assert result.out.startswith(f"usage: mention-indexer {' '.join(argv)}".rstrip())
     assert result.err == ""
 
 
 def test_help_exits_0_in_a_subprocess() -> None:
-    result = run_cli(bare_env(), "emit", "--help")
+    result = run_cli(clean_environment(), "emit", "--help")
     assert result.code == 0 and "--transaction-timestamp" in result.out and "--mention-id" in result.out
 
 
@@ -141,12 +133,11 @@ def test_help_exits_0_in_a_subprocess() -> None:
     ids=lambda argv: " ".join(argv) or "nothing",
 )
 def test_bad_usage_exits_2(argv: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
-    result = call_main(argv, bare_env(), monkeypatch, capsys)
+    result = call_main(argv, clean_environment(), monkeypatch, capsys)
     assert result.code == 2
     assert "usage: mention-indexer" in result.err and "error:" in result.err
 
 
-@pytest.mark.services
 @pytest.mark.parametrize(
     "argv",
     [
@@ -169,7 +160,6 @@ def test_unreachable_broker_exits_1_naming_the_masked_url(
     assert result.out == ""
 
 
-@pytest.mark.services
 def test_unreachable_and_refused_broker_exit_1_in_a_subprocess(settings: Settings) -> None:
     result = run_cli(cli_env(settings, AMQP_URL=UNREACHABLE), "refresh-cache")
     assert result.code == 1

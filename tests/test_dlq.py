@@ -1,4 +1,5 @@
-"""``dlq list|replay|purge`` against real RabbitMQ, Postgres and Redis (SPEC §4 dead letters, §8).
+"""``dlq list|replay|purge`` against real RabbitMQ, Postgres and Redis: the dead letters of the live
+path, and the commands' output and exit status.
 
 The realistic cycle: an indexer with a small ``INDEXER_MAX_MESSAGE_BYTES`` dead-letters valid but
 large events; the operator lists them, raises the limit, restarts, replays; they are applied.
@@ -10,29 +11,24 @@ import asyncio
 import re
 import signal
 import subprocess
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 from typing import Any
 
 import aio_pika
 import pytest
 from google.protobuf import json_format
 
-from indexer import wire
-from indexer.broker import queue_arguments
 from indexer.changes import Kind
 from indexer.config import Settings
+from indexer.ingest import queue_arguments, wire
 from tests.support.amqp import drain, publish_raw, ready_count
-from tests.support.commands import arun_cli, call_main, cli_env, command, rows, run_cli
-from tests.support.service import running
+from tests.support.clock import T0, at
+from tests.support.commands import call_main, cli_env
+from tests.support.process import arun_cli, run_cli, spawn
+from tests.support.service import acknowledged, rows, running
 from tests.support.waiting import eventually
 
-pytestmark = pytest.mark.services
-T0 = datetime(2026, 1, 1, 12, 0, tzinfo=timezone.utc)
 SMALL_LIMIT = 1024
-
-
-def at(seconds: float) -> datetime:
-    return T0 + timedelta(seconds=seconds)
 
 
 def padded_event(kind: Kind, mention_id: int, org: int, ts: datetime) -> Any:
@@ -54,10 +50,6 @@ async def seed_dlq(settings: Settings, letters: list[tuple[bytes, dict[str, Any]
             for body, headers in letters
         ))
     assert await ready_count(settings.amqp_url, settings.dlq) == len(letters)
-
-
-async def _count_is(url: str, queue: str, expected: int) -> bool:
-    return await ready_count(url, queue) == expected
 
 
 async def bind_queue(settings: Settings, *routing_keys: str) -> None:
@@ -83,16 +75,16 @@ async def test_oversized_events_are_listed_then_replayed_once_the_limit_is_raise
     sizes = sorted([len(wire.encode(e)) for e in binary] + [len(as_json)])
     assert sizes[0] > SMALL_LIMIT
 
-    async with running(settings.model_copy(update={"max_message_bytes": SMALL_LIMIT})):
+    async with running(settings.model_copy(update={"max_message_bytes": SMALL_LIMIT})) as service:
         await publish_raw(settings.amqp_url, settings.exchange, "events.MentionInserted", [wire.encode(binary[0])])
         await publish_raw(settings.amqp_url, settings.exchange, "events.MentionUpdated", [wire.encode(binary[1])])
         await publish_raw(settings.amqp_url, settings.exchange, "events.MentionInserted", [as_json],
                           content_type="application/json")
         small = wire.build_event(wire.mention_message(Kind.INSERTED, 4, 8, T0, at(4)), organization_id="8")
         await publish_raw(settings.amqp_url, settings.exchange, "events.MentionInserted", [wire.encode(small)])
-        await eventually(lambda: _count_is(settings.amqp_url, settings.dlq, 3))
-        await eventually(lambda: asyncio.sleep(0, 4 in rows(settings)))
-    assert set(rows(settings)) == {4}
+        await acknowledged(service, 4)  # three of them dead-lettered
+    assert await ready_count(settings.amqp_url, settings.dlq) == 3
+    assert set(await rows(settings)) == {4}
 
     result = await arun_cli(env, "dlq", "list")
     assert result.code == 0, result.err
@@ -107,9 +99,9 @@ async def test_oversized_events_are_listed_then_replayed_once_the_limit_is_raise
         ), line
     assert sorted(int(m) for m in re.findall(r"body of (\d+) bytes", result.out)) == sizes
     assert sorted(s.strip() for s in summaries) == [
-        "MentionInserted mention 1 org 5 at 2026-01-01T12:00:01+00:00",
-        "MentionInserted mention 3 org 7 at 2026-01-01T12:00:03+00:00",
-        "MentionUpdated mention 2 org 6 at 2026-01-01T12:00:02+00:00",
+        "MentionInserted mention 1 org 5 at 2024-01-01T12:00:01+00:00",
+        "MentionInserted mention 3 org 7 at 2024-01-01T12:00:03+00:00",
+        "MentionUpdated mention 2 org 6 at 2024-01-01T12:00:02+00:00",
     ]
     assert await ready_count(settings.amqp_url, settings.dlq) == 3  # listing leaves them in place
 
@@ -117,19 +109,21 @@ async def test_oversized_events_are_listed_then_replayed_once_the_limit_is_raise
     assert result.code == 0 and result.out.splitlines()[0] == f"3 dead letter(s) in {settings.dlq}"
     assert result.out.rstrip().endswith("… 2 more (--limit)") and len(result.out.splitlines()) == 4
 
-    async with running(settings):  # the fix: the default limit
+    async with running(settings) as service:  # the fix: the default limit
         result = await arun_cli(env, "dlq", "replay", "--limit", "1")
         assert result.code == 0, result.err
         assert result.out.strip() == f"replayed 1 dead letter(s) to exchange {settings.exchange}; 2 left in {settings.dlq}"
-        await eventually(lambda: asyncio.sleep(0, len(rows(settings)) == 2))
+        await acknowledged(service, 1)
+        assert len(await rows(settings)) == 2
         assert await ready_count(settings.amqp_url, settings.dlq) == 2
 
         result = await arun_cli(env, "dlq", "replay")
         assert result.code == 0, result.err
         assert result.out.strip() == f"replayed 2 dead letter(s) to exchange {settings.exchange}; 0 left in {settings.dlq}"
-        await eventually(lambda: asyncio.sleep(0, len(rows(settings)) == 4))
-        await eventually(lambda: _count_is(settings.amqp_url, settings.queue, 0))
-    table = rows(settings)
+        await acknowledged(service, 3)
+        assert len(await rows(settings)) == 4
+        assert await ready_count(settings.amqp_url, settings.queue) == 0
+    table = await rows(settings)
     assert {m: table[m][0] for m in (1, 2, 3, 4)} == {1: 5, 2: 6, 3: 7, 4: 8}
     assert table[3][2] == at(3)  # the JSON letter was replayed as JSON and applied
     assert await ready_count(settings.amqp_url, settings.dlq) == 0  # none came back
@@ -177,8 +171,7 @@ async def test_interrupted_replay_loses_nothing(settings: Settings, how: signal.
     await bind_queue(settings, "events.MentionInserted")
     await seed_dlq(settings, [letter(body) for body in sorted(bodies)])
 
-    process = subprocess.Popen(command("dlq", "replay"), env=cli_env(settings),
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process = spawn(cli_env(settings), "dlq", "replay", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
         await eventually(lambda: _at_least(settings.amqp_url, settings.queue, 50), interval_s=0.005)
         process.send_signal(how)

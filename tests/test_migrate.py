@@ -11,10 +11,10 @@ import psycopg
 import pytest
 from psycopg import sql
 
-import indexer.migrate
+import indexer.readmodel.migrate
 from indexer.config import Settings
 from indexer.errors import Unavailable
-from indexer.migrate import migrate, migrate_async, migrations
+from indexer.readmodel.migrate import migrate, migrate_async, migrations
 
 STARTERS = 5
 
@@ -32,7 +32,7 @@ def tables(url: str, schema: str) -> set[str]:
 
 
 def test_every_shipped_file_is_a_migration_in_order() -> None:
-    names = sorted(r.name for r in (Path(indexer.migrate.__file__).parent / "migrations").iterdir() if r.name.endswith(".sql"))
+    names = sorted(r.name for r in (Path(indexer.readmodel.migrate.__file__).parent / "migrations").iterdir() if r.name.endswith(".sql"))
     versions = [m.version for m in migrations()]
     assert versions == [name[:4] for name in names] and versions == sorted(set(versions))
     assert all(re.fullmatch(r"\d{4}_\w+\.sql", name) for name in names)

@@ -1,4 +1,5 @@
-"""``refresh-cache`` and ``emit`` against real RabbitMQ, Postgres and Redis (SPEC §4 producers, §7, §8).
+"""``refresh-cache`` and ``emit`` against real RabbitMQ, Postgres and Redis: what the producers
+publish, its effect on the caches and the read model, the commands' exit status.
 
 The commands run as operators run them (``python -m indexer`` in a subprocess) against an indexer
 running in this process; what they publish is read back from a queue the test binds itself.
@@ -6,7 +7,6 @@ running in this process; what they publish is read back from a queue the test bi
 
 from __future__ import annotations
 
-import asyncio
 import re
 import socket
 import uuid
@@ -15,25 +15,16 @@ from datetime import datetime, timedelta, timezone
 import aio_pika
 import aiormq
 import pytest
-import redis
+import redis.asyncio
 
 from indexer.config import Settings
 from indexer.events import core_pb2, mention_notification_pb2, trigger_pb2
 from indexer.timestamps import parse_timestamp
-from tests.support.amqp import declare_exchange
-from tests.support.commands import (
-    arun_cli,
-    call_main,
-    cli_env,
-    fill,
-    rows,
-    take_all,
-    tap,
-)
-from tests.support.service import running
-from tests.support.waiting import eventually
-
-pytestmark = pytest.mark.services
+from tests.support.amqp import declare_exchange, take_all, tap
+from tests.support.cache_fixtures import fill
+from tests.support.commands import call_main, cli_env
+from tests.support.process import arun_cli
+from tests.support.service import acknowledged, rows, running
 
 EVENT_ID = re.compile(r"\(.*event ([0-9a-f-]{36})\)$")
 
@@ -61,28 +52,30 @@ def assert_core_as_the_seed_describes(event: core_pb2.VtEvent, organization_id: 
 
 async def test_refresh_cache_flushes_one_organization_then_every_organization(settings: Settings) -> None:
     env = cli_env(settings)
-    r = redis.Redis.from_url(settings.redis_url)
+    r = redis.asyncio.Redis.from_url(settings.redis_url)
     outside = [f"{settings.cache_prefix}x:{{2}}:list", f"other-{settings.cache_prefix}:{{2}}:list"]
     for key in outside:
-        r.set(key, b"keep")
+        await r.set(key, b"keep")
     try:
-        async with running(settings):
-            keys = {org: [fill(settings, org, name) for name in ("list", "count")] for org in (1, 2, 3)}
+        async with running(settings) as service:
+            keys = {org: [await fill(settings, org, name) for name in ("list", "count")] for org in (1, 2, 3)}
 
             result = await arun_cli(env, "refresh-cache", "--org", "2")
             assert result.code == 0, result.err
             assert result.out.startswith(f"published TriggerCacheRefresh for organization 2 to exchange {settings.exchange}")
-            await eventually(lambda: asyncio.sleep(0, r.exists(*keys[2]) == 0))
-            assert r.exists(*keys[1]) == 2 and r.exists(*keys[3]) == 2
+            await acknowledged(service, 1)
+            assert await r.exists(*keys[2]) == 0
+            assert await r.exists(*keys[1]) == 2 and await r.exists(*keys[3]) == 2
 
             result = await arun_cli(env, "refresh-cache")
             assert result.code == 0, result.err
             assert "for all organizations" in result.out
-            await eventually(lambda: asyncio.sleep(0, r.exists(*keys[1], *keys[3]) == 0))
-        assert [r.get(key) for key in outside] == [b"keep", b"keep"]
+            await acknowledged(service, 2)
+            assert await r.exists(*keys[1], *keys[3]) == 0
+        assert [await r.get(key) for key in outside] == [b"keep", b"keep"]
     finally:
-        r.delete(*outside)
-        r.close()
+        await r.delete(*outside)
+        await r.aclose()
 
 
 @pytest.mark.parametrize("org", ["42", None])
@@ -126,7 +119,7 @@ async def test_refresh_cache_exits_1_when_the_exchange_does_not_exist_and_does_n
 
 
 @pytest.mark.parametrize("command", [["refresh-cache"], ["emit", "inserted", "--mention-id", "1"]], ids=" ".join)
-@pytest.mark.parametrize("org", ["abc", "*", "-1", "0", "", " 3", "1e3", "0x1F", "٣", str(2**63)])
+@pytest.mark.parametrize("org", ["abc", "*", "-1", "0", "007", "+7", "", " 3", "1e3", "0x1F", "٣", str(2**63)])
 def test_an_organization_that_is_not_a_positive_decimal_id_exits_2(
     command: list[str], org: str, settings: Settings, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -146,32 +139,35 @@ async def test_emit_changes_the_read_model_in_version_order(settings: Settings) 
         assert result.code == 0, result.err
         return result.out
 
-    async with running(settings):
+    async with running(settings) as service:
         out = await emit("inserted", "--mention-id", "7", "--org", "10",
                          "--mention-date", "2026-01-01T00:00:00Z", "--transaction-timestamp", "Thu, 01 Jan 2026 12:00:00 UTC")
         assert out.startswith("published MentionInserted mention 7 organization 10 at 2026-01-01T12:00:00Z")
-        await eventually(lambda: asyncio.sleep(0, 7 in rows(settings)))
-        t0 = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)
-        assert rows(settings)[7] == (10, datetime(2026, 1, 1, tzinfo=timezone.utc), t0, False)
+        await acknowledged(service, 1)
+        t0 = datetime(2026, 1, 1, 12, tzinfo=timezone.utc)  # what the timestamp given above stands for
+        assert (await rows(settings))[7] == (10, datetime(2026, 1, 1, tzinfo=timezone.utc), t0, False)
 
         # Update that moves the mention to organization 11 (RFC1123Z with an offset).
         await emit("updated", "--mention-id", "7", "--org", "11", "--mention-date", "2026-01-02T00:00:00Z",
                    "--transaction-timestamp", "Thu, 01 Jan 2026 13:00:10 +0100")
-        await eventually(lambda: asyncio.sleep(0, rows(settings)[7][0] == 11))
-        assert rows(settings)[7] == (11, datetime(2026, 1, 2, tzinfo=timezone.utc), t0 + timedelta(seconds=10), False)
+        await acknowledged(service, 2)
+        assert (await rows(settings))[7] == (11, datetime(2026, 1, 2, tzinfo=timezone.utc), t0 + timedelta(seconds=10), False)
 
         # Delete: a tombstone, sub-second precision kept.
         await emit("deleted", "--mention-id", "7", "--org", "11", "--transaction-timestamp", "2026-01-01T12:00:20.123456Z")
-        await eventually(lambda: asyncio.sleep(0, rows(settings)[7][3]))
-        deleted = rows(settings)[7]
+        await acknowledged(service, 3)
+        deleted = (await rows(settings))[7]
+        assert deleted[3] is True
         assert deleted[0] == 11 and deleted[2] == t0 + timedelta(seconds=20, microseconds=123456)
 
-        # A late insert (older than the delete) must not resurrect it.  Mention 8 comes after it
-        # on the same queue, so once 8 is in the table the late insert has been applied too.
+        # A late insert (older than the delete) must not resurrect it; mention 8, published after
+        # it, is applied beside.
         await emit("inserted", "--mention-id", "7", "--org", "10", "--transaction-timestamp", "2026-01-01T12:00:15Z")
         await emit("inserted", "--mention-id", "8", "--org", "10", "--transaction-timestamp", "2026-01-01T12:00:15Z")
-        await eventually(lambda: asyncio.sleep(0, 8 in rows(settings)))
-        assert rows(settings)[7] == deleted
+        await acknowledged(service, 5)
+        table = await rows(settings)
+        assert 8 in table
+        assert table[7] == deleted
 
 
 async def test_emit_publishes_the_envelope_the_seed_describes_with_now_as_default_timestamp(settings: Settings) -> None:

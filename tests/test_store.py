@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
 
 import psycopg
 import pytest
@@ -12,22 +11,12 @@ import pytest
 from indexer.changes import Kind
 from indexer.config import Settings
 from indexer.errors import Refused, Unavailable
-from indexer.migrate import migrate
-from indexer.store import ApplyResult, Store
-from tests.support.store import Row, at, change, read_row, read_table
+from indexer.readmodel.store import ApplyResult, Store
+from tests.support.clock import at
+from tests.support.store import Row, change, table
+from tests.support.tables import read_mention
 
 INS, UPD, DEL = Kind.INSERTED, Kind.UPDATED, Kind.DELETED
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    migrate(settings.database_url, settings.schema_name)
-    async with Store(settings.database_url, settings.schema_name) as s:
-        yield s
-
-
-def table(settings: Settings) -> dict[int, Row]:
-    return read_table(settings.database_url, settings.schema_name)
 
 
 async def test_insert_creates_row_and_reports_its_organization(store: Store, settings: Settings) -> None:
@@ -66,11 +55,11 @@ async def test_newer_insert_revives_a_deleted_mention(store: Store, settings: Se
 
 async def test_equal_duplicate_changes_nothing(store: Store, settings: Settings) -> None:
     await store.apply([change(UPD, 1, 10, ts_s=1)])
-    before = read_row(settings.database_url, settings.schema_name, 1)
+    before = read_mention(settings.database_url, settings.schema_name, 1)
     result = await store.apply([change(UPD, 1, 10, ts_s=1)])
     assert (result.applied, result.skipped) == (0, 1)
     # updated_at too: a skipped change does not even rewrite the row.
-    assert read_row(settings.database_url, settings.schema_name, 1) == before
+    assert read_mention(settings.database_url, settings.schema_name, 1) == before
 
 
 @pytest.mark.parametrize("first_org, second_org", [(10, 20), (20, 10)])
@@ -120,12 +109,13 @@ async def test_move_reports_both_organizations(store: Store, settings: Settings)
     await store.apply([change(INS, 1, 10, ts_s=1)])
     result = await store.apply([change(UPD, 1, 20, ts_s=2)])
     assert result.organizations == {10, 20}
-    row = read_row(settings.database_url, settings.schema_name, 1)
+    row = read_mention(settings.database_url, settings.schema_name, 1)
     assert row is not None and row["previous_organization_id"] == 10
 
 
 async def test_redelivered_move_still_reports_both_organizations(store: Store) -> None:
-    # The first delivery may have committed and then lost its invalidation (SPEC §7).
+    # The first delivery may have committed and then lost its invalidation, so its redelivery
+    # must name both organizations again.
     await store.apply([change(INS, 1, 10, ts_s=1)])
     await store.apply([change(UPD, 1, 20, ts_s=2)])
     result = await store.apply([change(UPD, 1, 20, ts_s=2)])

@@ -9,8 +9,8 @@ import random
 from indexer.changes import Change, Kind
 from indexer.config import Settings
 from indexer.errors import Conflict
-from indexer.migrate import migrate
-from indexer.store import ApplyResult, Store
+from indexer.readmodel.migrate import migrate
+from indexer.readmodel.store import ApplyResult, Store
 from tests.support.store import change, oracle, read_table
 
 ROUNDS = 60

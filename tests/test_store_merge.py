@@ -1,6 +1,6 @@
 """Changes that leave a field out (a Delete without organization, a change without mention_date).
 
-Each such field is a register of its own (``indexer.registers``): it holds the value of the
+Each such field is a register of its own (``indexer.readmodel.registers``): it holds the value of the
 highest-version change that carried it, which is what applying the changes in version order
 gives.  So the table is the same in every delivery order, even when a stale change arrives after
 a newer one that left the field out (it fills the field and changes nothing else).
@@ -8,24 +8,15 @@ a newer one that left the field out (it fills the field and changes nothing else
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 import pytest
 
 from indexer.changes import Change, Kind
 from indexer.config import Settings
-from indexer.migrate import migrate
-from indexer.store import Store
-from tests.support.store import Row, at, change, oracle, read_table, truncate
+from indexer.readmodel.store import Store
+from tests.support.clock import at
+from tests.support.store import Row, change, oracle, table, truncate
 
 INS, UPD, DEL = Kind.INSERTED, Kind.UPDATED, Kind.DELETED
-
-
-@pytest.fixture
-async def store(settings: Settings) -> AsyncIterator[Store]:
-    migrate(settings.database_url, settings.schema_name)
-    async with Store(settings.database_url, settings.schema_name) as s:
-        yield s
 
 
 async def both_orders(store: Store, settings: Settings, base: list[Change], a: Change, b: Change) -> list[dict[int, Row]]:
@@ -34,7 +25,7 @@ async def both_orders(store: Store, settings: Settings, base: list[Change], a: C
         truncate(settings.database_url, settings.schema_name)
         for one in [*base, *order]:
             await store.apply([one])
-        tables.append(read_table(settings.database_url, settings.schema_name))
+        tables.append(table(settings))
     return tables
 
 
@@ -73,7 +64,7 @@ async def test_stale_change_fills_only_the_field_newer_changes_left_out(store: S
     result = await store.apply([change(UPD, 1, 20, ts_s=2, date_s=7)])
     # Stale for the row (still the Delete at 3), but the only change that named an organization
     # and a date: the tombstone takes both, as in-order application would.
-    assert table_of(settings) == {1: Row(20, at(7), at(3), DEL, True)}
+    assert table(settings) == {1: Row(20, at(7), at(3), DEL, True)}
     assert (result.applied, result.skipped) == (0, 1)
     assert result.organizations == {20}
 
@@ -82,14 +73,14 @@ async def test_filled_field_is_not_overwritten_by_an_older_change(store: Store, 
     await store.apply([change(DEL, 1, None, ts_s=3, date_s=None)])
     await store.apply([change(UPD, 1, 20, ts_s=2, date_s=7)])
     await store.apply([change(INS, 1, 10, ts_s=1, date_s=5)])
-    assert table_of(settings) == {1: Row(20, at(7), at(3), DEL, True)}
+    assert table(settings) == {1: Row(20, at(7), at(3), DEL, True)}
 
 
 async def test_one_batch_folds_fields_from_several_changes(store: Store, settings: Settings) -> None:
     # What coalescing would lose: the newest change carries neither field.
     batch = [change(INS, 1, 10, ts_s=1, date_s=5), change(UPD, 1, 20, ts_s=2, date_s=None), change(DEL, 1, None, ts_s=3, date_s=None)]
     result = await store.apply(batch)
-    assert table_of(settings) == {1: Row(20, at(5), at(3), DEL, True)} == oracle(batch)
+    assert table(settings) == {1: Row(20, at(5), at(3), DEL, True)} == oracle(batch)
     assert (result.applied, result.skipped) == (1, 2)
 
 
@@ -97,8 +88,4 @@ async def test_newer_change_carrying_a_field_beats_an_older_one_that_filled_it(s
     await store.apply([change(DEL, 1, None, ts_s=3, date_s=None)])
     await store.apply([change(UPD, 1, 20, ts_s=2)])
     await store.apply([change(INS, 1, 30, ts_s=4, date_s=9)])
-    assert table_of(settings) == {1: Row(30, at(9), at(4), INS, False)}
-
-
-def table_of(settings: Settings) -> dict[int, Row]:
-    return read_table(settings.database_url, settings.schema_name)
+    assert table(settings) == {1: Row(30, at(9), at(4), INS, False)}

@@ -1,5 +1,5 @@
-"""SPEC §6 as properties: any delivery order, any duplicates, any batching give the same table,
-and that table is the changes applied in version order (each leaving the fields it omits)."""
+"""The ordering rule as properties: any delivery order, any duplicates, any batching give the same
+table, and that table is the changes applied in version order (each leaving the fields it omits)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ from hypothesis import strategies as st
 
 from indexer.changes import Change, Kind, version_key
 from indexer.config import Settings
-from indexer.migrate import migrate
-from indexer.store import Store
+from indexer.readmodel.migrate import migrate
+from indexer.readmodel.store import Store
 from tests.support.store import change, oracle, read_table, truncate
 
 # Few mentions, organizations and instants, so that equal timestamps, moves and re-inserts are common.

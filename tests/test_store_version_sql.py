@@ -14,7 +14,7 @@ from psycopg import sql
 
 from indexer.changes import Change, version_bytes
 from indexer.config import Settings
-from indexer.migrate import migrate
+from indexer.readmodel.migrate import migrate
 from tests.unit.test_version_bytes import changes
 
 

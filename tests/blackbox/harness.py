@@ -1,23 +1,17 @@
-"""The outsider's tools: start the product as a subprocess, publish with pika, read Postgres with
-psycopg and Redis with redis-py, using only the names SPEC.md gives.  Nothing here imports
-``indexer``."""
+"""The outsider's tools: start the product as a subprocess (tests/support/process.py), publish with
+pika, read Postgres with psycopg and Redis with redis-py, using only the names the product
+documents.  Nothing here imports ``indexer``, nor do the helpers it uses from tests/support/."""
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import pika
@@ -26,132 +20,12 @@ import psycopg
 import redis
 from psycopg import sql
 
-ROOT = Path(__file__).resolve().parents[2]
-T = TypeVar("T")
+from tests.support.process import Indexer, Result, clean_environment, free_port, run_cli
+from tests.support.tables import read_mentions
+from tests.support.waiting import eventually_sync
+
 SENTINEL_BASE = 10**17  # mention ids of barrier() rows
 SENTINEL_ORG = 999_999_999
-_OUR_VARIABLES = ("DATABASE_URL", "SOURCE_DATABASE_URL", "REDIS_URL", "AMQP_URL")
-
-
-def eventually(check: Callable[[], T], *, timeout_s: float = 20.0, interval_s: float = 0.05, what: str = "") -> T:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what or 'condition'} not met within {timeout_s}s (last value: {value!r})")
-        time.sleep(interval_s)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    out: str
-    err: str
-
-    def __str__(self) -> str:
-        return f"exit {self.code}\n--- stdout ---\n{self.out}\n--- stderr ---\n{self.err}"
-
-
-class Indexer:
-    """``python -m indexer run`` as a subprocess, with its output in a file."""
-
-    def __init__(self, env: dict[str, str], log_path: Path, args: Iterable[str] = ()) -> None:
-        self.env = dict(env)
-        self.args = list(args)
-        self.log_path = log_path
-        port = self.env.get("INDEXER_HTTP_PORT", "9180")
-        self.port = int(port) if port.isdigit() else 0
-        self.process: subprocess.Popen[bytes] | None = None
-
-    def start(self, *, wait_ready: bool = True, timeout_s: float = 30) -> Indexer:
-        assert not self.running
-        log = open(self.log_path, "ab")
-        try:
-            self.process = subprocess.Popen(
-                [sys.executable, "-m", "indexer", "run", *self.args], env=self.env, cwd=ROOT,
-                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True,
-            )
-        finally:
-            log.close()
-        if wait_ready:
-            self.wait_http("/readyz", 200, timeout_s)
-        return self
-
-    @property
-    def running(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def http(self, path: str) -> tuple[int, str] | None:
-        try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{self.port}{path}", timeout=2) as response:
-                return response.status, response.read().decode()
-        except urllib.error.HTTPError as exc:
-            return exc.code, exc.read().decode()
-        except OSError:
-            return None
-
-    def wait_http(self, path: str, status: int, timeout_s: float = 30) -> str:
-        deadline = time.monotonic() + timeout_s
-        last = None
-        while True:
-            if not self.running:
-                raise AssertionError(f"indexer exited with {self.process and self.process.returncode}\n{self.log()}")
-            last = self.http(path)
-            if last is not None and last[0] == status:
-                return last[1]
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{path} never answered {status} in {timeout_s}s (last {last})\n{self.log()}")
-            time.sleep(0.05)
-
-    def metrics(self) -> dict[str, float]:
-        answer = self.http("/metrics")
-        assert answer is not None and answer[0] == 200, answer
-        samples = {}
-        for line in answer[1].splitlines():
-            if line and not line.startswith("#"):
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        return samples
-
-    def terminate(self, timeout_s: float = 10) -> tuple[int | None, float]:
-        """SIGTERM; (exit code or None if still running after timeout_s, seconds taken)."""
-        assert self.process is not None
-        started = time.monotonic()
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            code: int | None = self.process.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            code = None
-        return code, time.monotonic() - started
-
-    def kill(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            os.kill(self.process.pid, signal.SIGKILL)
-            self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is None or self.process.poll() is not None:
-            return
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(15)
-        except subprocess.TimeoutExpired:
-            self.kill()
-
-    def log(self, lines: int = 60) -> str:
-        try:
-            text = self.log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return f"--- {self.log_path} ---\n" + "\n".join(text.splitlines()[-lines:])
 
 
 @dataclass
@@ -200,22 +74,19 @@ class BlackBox:
 
     # ---- environment and commands ------------------------------------------------------------
 
-    def env(self, **extra: str) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not (k in _OUR_VARIABLES or k.startswith("INDEXER_"))}
-        env.update(
-            DATABASE_URL=self.database_url, REDIS_URL=self.redis_url, AMQP_URL=self.amqp_url,
-            INDEXER_SCHEMA=self.schema, INDEXER_EXCHANGE=self.exchange, INDEXER_QUEUE=self.queue,
-            INDEXER_CACHE_PREFIX=self.prefix, INDEXER_HTTP_PORT="0", PYTHONUNBUFFERED="1",
-        )
-        env.update(extra)
-        return env
+    def env(self, **extra: str | None) -> dict[str, str]:
+        """The environment of a command or indexer of this test; a variable given as None is left out."""
+        ours: dict[str, str | None] = {
+            "DATABASE_URL": self.database_url, "REDIS_URL": self.redis_url, "AMQP_URL": self.amqp_url,
+            "INDEXER_SCHEMA": self.schema, "INDEXER_EXCHANGE": self.exchange, "INDEXER_QUEUE": self.queue,
+            "INDEXER_CACHE_PREFIX": self.prefix, "INDEXER_HTTP_PORT": "0", "PYTHONUNBUFFERED": "1",
+        }
+        return clean_environment(**{k: v for k, v in {**ours, **extra}.items() if v is not None})
 
-    def cli(self, *args: str, env: dict[str, str] | None = None, timeout_s: float = 60, **extra: str) -> Result:
-        done = subprocess.run([sys.executable, "-m", "indexer", *args], env=env or self.env(**extra), cwd=ROOT,
-                              capture_output=True, text=True, timeout=timeout_s, stdin=subprocess.DEVNULL)
-        return Result(done.returncode, done.stdout, done.stderr)
+    def cli(self, *args: str, env: dict[str, str] | None = None, timeout_s: float = 60, **extra: str | None) -> Result:
+        return run_cli(env or self.env(**extra), *args, timeout_s=timeout_s)
 
-    def indexer(self, *, start: bool = True, args: Iterable[str] = (), **extra: str) -> Indexer:
+    def indexer(self, *, start: bool = True, args: Iterable[str] = (), **extra: str | None) -> Indexer:
         extra.setdefault("INDEXER_HTTP_PORT", str(free_port()))
         proc = Indexer(self.env(**extra), self.tmp / f"indexer-{len(self.indexers)}.log", args)
         self.indexers.append(proc)
@@ -301,13 +172,13 @@ class BlackBox:
                 return True
             return unacked == 0
 
-        eventually(done, timeout_s=timeout_s, interval_s=0.05, what=f"every message of {name} acknowledged")
+        eventually_sync(done, timeout_s=timeout_s, interval_s=0.05, what=f"every message of {name} acknowledged")
 
     def take_letters(self, count: int, timeout_s: float = 20, queue: str | None = None) -> list[Letter]:
         """Wait for ``count`` messages in the DLQ, then consume them all (and check no more come)."""
         name = queue or self.dlq
-        eventually(lambda: (self.queue_depth(name) or 0) >= count, timeout_s=timeout_s,
-                   what=f"{count} message(s) in {name}")
+        eventually_sync(lambda: (self.queue_depth(name) or 0) >= count, timeout_s=timeout_s,
+                        what=f"{count} message(s) in {name}")
         letters = []
         channel = self.channel
         while True:
@@ -330,7 +201,7 @@ class BlackBox:
             method, props, body = self.channel.basic_get(queue, auto_ack=True)
             return (method, props, body) if method is not None else None
 
-        return eventually(one, timeout_s=timeout_s, what=f"a message in {queue}")
+        return eventually_sync(one, timeout_s=timeout_s, what=f"a message in {queue}")
 
     # ---- Postgres ----------------------------------------------------------------------------
 
@@ -350,13 +221,10 @@ class BlackBox:
         self.wait_row(mention_id, timeout_s=timeout_s)
 
     def rows(self, *, sentinels: bool = False) -> dict[int, tuple[Any, ...]]:
-        """mention_id → (organization_id, mention_date, transaction_timestamp, deleted); barriers left out."""
-        query = sql.SQL("SELECT mention_id, organization_id, mention_date, transaction_timestamp, deleted "
-                        "FROM {}.mentions").format(sql.Identifier(self.schema))
-        try:
-            return {r[0]: tuple(r[1:]) for r in self.sql(query) if sentinels or r[0] < SENTINEL_BASE}
-        except psycopg.errors.UndefinedTable:
-            return {}
+        """mention_id → (organization_id, mention_date, transaction_timestamp, deleted); barriers left
+        out; nothing before the table exists."""
+        table = read_mentions(self.database_url, self.schema, missing_ok=True)
+        return {mention_id: row for mention_id, row in table.items() if sentinels or mention_id < SENTINEL_BASE}
 
     def row(self, mention_id: int) -> tuple[Any, ...] | None:
         return self.rows().get(mention_id)
@@ -367,7 +235,7 @@ class BlackBox:
             r = self.rows(sentinels=True).get(mention_id)
             return r if r is not None and predicate(r) else None
 
-        return eventually(check, timeout_s=timeout_s, what=f"row of mention {mention_id}")
+        return eventually_sync(check, timeout_s=timeout_s, what=f"row of mention {mention_id}")
 
     # ---- Redis -------------------------------------------------------------------------------
 

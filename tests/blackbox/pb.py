@@ -1,9 +1,9 @@
 """A hand-written proto3 encoder for the few `events` messages the tests publish.
 
 Deliberately independent of the product's generated code *and* of the protobuf runtime: field
-numbers come from SPEC §2 (1, 2, 3 … in the seed's order), the wire format from the protobuf
-encoding spec.  ``protoc_encode`` (text format → bytes, by protoc itself) and ``Decoder`` (dynamic
-messages from a protoc descriptor set) are the two other independent paths.
+numbers are 1, 2, 3 … in the order proto/SEED.md lists the fields, the wire format is the
+protobuf encoding's.  ``protoc_encode`` (text format → bytes, by protoc itself) and ``Decoder``
+(dynamic messages from a protoc descriptor set) are the two other independent paths.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.process import ROOT
+
 PROTO_FILES = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "proto" / "events").glob("*.proto"))
 TYPE_PREFIX = "type.googleapis.com/"
 

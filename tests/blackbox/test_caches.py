@@ -1,4 +1,4 @@
-"""SPEC §7: per-organization caches under ``<prefix>:{<org>}:``, written here with plain SETs."""
+"""Per-organization caches under ``<prefix>:{<org>}:``, written here with plain SETs."""
 
 from __future__ import annotations
 

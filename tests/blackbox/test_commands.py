@@ -1,4 +1,5 @@
-"""SPEC §8 (commands, exit status) and the producer promises of §4, seen from outside."""
+"""The commands (emit, refresh-cache, backfill, dlq) and their exit status, and what the producers
+publish, seen from outside."""
 
 from __future__ import annotations
 
@@ -11,7 +12,9 @@ import psycopg
 from psycopg import sql
 
 from tests.blackbox import pb
-from tests.blackbox.harness import MASKED_PASSWORD, BlackBox, eventually
+from tests.blackbox.harness import MASKED_PASSWORD, BlackBox
+from tests.support.process import spawn
+from tests.support.waiting import eventually_sync
 
 UTC = timezone.utc
 RFC1123Z = re.compile(r"^(Mon|Tue|Wed|Thu|Fri|Sat|Sun), \d{2} (Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) "
@@ -189,16 +192,12 @@ def test_backfill_shows_progress_on_a_terminal(bb: BlackBox) -> None:
     import os
     import pty
     import select
-    import subprocess
-    import sys
-
-    from tests.blackbox.harness import ROOT
 
     master, slave = pty.openpty()
     query = ("SELECT g AS mention_id, 1 AS organization_id, NULL::timestamptz AS mention_date "
              "FROM generate_series(1, 60000) g")
-    proc = subprocess.Popen([sys.executable, "-m", "indexer", "backfill", "--source-query", query, "--batch-size", "3000"],
-                            env=bb.env(), cwd=ROOT, stdin=slave, stdout=slave, stderr=slave)
+    proc = spawn(bb.env(), "backfill", "--source-query", query, "--batch-size", "3000",
+                 stdin=slave, stdout=slave, stderr=slave)
     os.close(slave)
     out = b""
     while True:
@@ -240,7 +239,7 @@ def test_dlq_list_and_replay(bb: BlackBox) -> None:
               for i in (1, 2)}
     for i, body in bodies.items():
         bb.publish(body, message_id=f"m{i}", headers={"x-test": f"h{i}"}, app_id="blackbox")
-    eventually(lambda: bb.queue_depth(bb.dlq) == 2, what="two dead letters")
+    eventually_sync(lambda: bb.queue_depth(bb.dlq) == 2, what="two dead letters")
     result = bb.cli("dlq", "list")
     assert result.code == 0, result
     assert re.search(r"\b2\b", result.out), result

@@ -1,17 +1,13 @@
-"""SPEC §3: variables, flags that override them, exit 2 naming what to fix, passwords never shown."""
+"""Configuration: variables, flags that override them, exit 2 naming what to fix, passwords never shown."""
 
 from __future__ import annotations
 
 import time
 
 from tests.blackbox import pb
-from tests.blackbox.harness import MASKED_PASSWORD, BlackBox, free_port
-
-DEFAULTS = {
-    "DATABASE_URL": "postgresql://postgres@127.0.0.1:5432/postgres",
-    "REDIS_URL": "redis://127.0.0.1:6379/0",
-    "AMQP_URL": "amqp://guest:guest@127.0.0.1:5672/",
-}
+from tests.blackbox.harness import MASKED_PASSWORD, BlackBox
+from tests.support.process import free_port
+from tests.support.services import DEFAULTS  # the documented defaults of the three URLs
 
 
 def test_bad_values_exit_2_naming_the_variable_without_the_password(bb: BlackBox) -> None:
@@ -63,7 +59,7 @@ def test_defaults_point_at_local_services(bb: BlackBox) -> None:
     if (bb.database_url, bb.redis_url, bb.amqp_url) != tuple(DEFAULTS.values()):
         import pytest
 
-        pytest.skip("the services of this run are not at the SPEC defaults")
+        pytest.skip("the services of this run are not at the documented defaults")
     env = bb.env()
     for name in DEFAULTS:
         del env[name]
@@ -91,14 +87,14 @@ def test_no_password_in_logs_or_health_while_services_are_unreachable(bb: BlackB
     bodies = {}
     for name, proc in procs.items():
         bodies[name] = proc.wait_http("/readyz", 503, timeout_s=15)
-    time.sleep(1)  # a few retries
+    time.sleep(1)  # a few retries, each logging its failure
     for name, proc in procs.items():
         code, elapsed = proc.terminate(timeout_s=10)
         log = proc.log_path.read_text(errors="replace")
         secret = bad[name].split(":")[2].split("@")[0]
-        assert secret not in log, f"{name}: the password is in the log\n{proc.log()}"
+        assert secret not in log, f"{name}: the password is in the log\n{proc.tail()}"
         assert secret not in bodies[name], f"{name}: the password is in /readyz: {bodies[name]}"
-        assert "127.0.0.1:1" in log or "127.0.0.1:1" in bodies[name], f"{name}: the unreachable URL is never named\n{proc.log()}"
+        assert "127.0.0.1:1" in log or "127.0.0.1:1" in bodies[name], f"{name}: the unreachable URL is never named\n{proc.tail()}"
         assert code == 0 and elapsed < 10, f"{name}: SIGTERM while retrying gave exit {code} after {elapsed:.1f}s"
 
 
@@ -154,5 +150,5 @@ def test_an_exchange_of_another_type_is_a_clear_failure(bb: BlackBox) -> None:
     log = proc.log_path.read_text(errors="replace")
     assert code in (1, 2), f"an exchange of type fanout: exit {code}\n{log}"
     assert bb.exchange in log, log
-    if code == 1:  # SPEC §8: a run-time failure names the service and its URL
+    if code == 1:  # a run-time failure names the service and its URL
         assert "amqp://guest:***@" in log or MASKED_PASSWORD.search(log), f"exit 1 without the masked broker URL:\n{log}"

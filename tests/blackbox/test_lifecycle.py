@@ -1,4 +1,4 @@
-"""SPEC §9 (faults, SIGTERM) and the HTTP endpoints of §3/§8, from outside the process."""
+"""Faults, SIGTERM and the HTTP endpoints (/healthz, /readyz, /metrics), seen from outside the process."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ import json
 import time
 
 from tests.blackbox import pb
-from tests.blackbox.harness import BlackBox, eventually
+from tests.blackbox.harness import BlackBox
 from tests.support.proxy import TcpProxy  # a plain TCP proxy of the test suite, not product code
+from tests.support.waiting import eventually_sync
 
 TS = "2020-01-01T00:00:00Z"
 
@@ -34,17 +35,17 @@ def test_sigterm_under_load_exits_0_in_10s_and_kill_9_loses_nothing(bb: BlackBox
         channel.basic_publish(bb.exchange, "events.MentionInserted",
                               pb.mention_event("Inserted", i, i % 50 + 1, TS, baggage={"pad": "p" * 200}))
     channel.basic_publish(bb.exchange, "events.MentionInserted", pb.mention_event("Inserted", total + 1, 1, TS))
-    eventually(lambda: (bb.queue_depth(bb.queue) or 0) >= total + 1, what="queue filled")
+    eventually_sync(lambda: (bb.queue_depth(bb.queue) or 0) >= total + 1, what="queue filled")
 
     proc.start()
-    eventually(lambda: len(bb.rows()) > 0, timeout_s=20, interval_s=0.01, what="first rows")
+    eventually_sync(lambda: len(bb.rows()) > 0, timeout_s=20, interval_s=0.01, what="first rows")
     proc.kill()  # kill -9 in the middle
     after_kill = len(bb.rows())
     assert after_kill < total, "the whole queue went through before the kill: make it longer"
     proc.start()
-    eventually(lambda: len(bb.rows()) > after_kill, timeout_s=20, interval_s=0.01, what="progress after restart")
+    eventually_sync(lambda: len(bb.rows()) > after_kill, timeout_s=20, interval_s=0.01, what="progress after restart")
     code, elapsed = proc.terminate(timeout_s=15)  # SIGTERM in the middle
-    assert code == 0 and elapsed < 10, f"SIGTERM under load: exit {code} after {elapsed:.1f}s\n{proc.log()}"
+    assert code == 0 and elapsed < 10, f"SIGTERM under load: exit {code} after {elapsed:.1f}s\n{proc.tail()}"
     proc.start()
     bb.wait_acked(timeout_s=40)
     rows = bb.rows()
@@ -59,7 +60,7 @@ def test_sigterm_during_start_up_exits_0(bb: BlackBox) -> None:
     proc.start(wait_ready=False)
     time.sleep(0.15)  # an orchestrator may stop a pod at any moment, also while it starts
     code, elapsed = proc.terminate(timeout_s=15)
-    assert code == 0 and elapsed < 10, f"SIGTERM 0.15 s after start: exit {code} after {elapsed:.1f}s\n{proc.log()}"
+    assert code == 0 and elapsed < 10, f"SIGTERM 0.15 s after start: exit {code} after {elapsed:.1f}s\n{proc.tail()}"
 
 
 def test_redis_outage_holds_the_ack_until_the_invalidation_is_done(bb: BlackBox) -> None:
@@ -72,7 +73,7 @@ def test_redis_outage_holds_the_ack_until_the_invalidation_is_done(bb: BlackBox)
         bb.publish(pb.mention_event("Inserted", 1, 5, TS))
         bb.wait_row(1)  # committed first ...
         proc.wait_http("/readyz", 503, timeout_s=15)
-        time.sleep(1)
+        time.sleep(1)  # the outage goes on while it retries: nothing may be acknowledged meanwhile
         ready, unacked = bb.queue_counts(bb.queue)
         assert ready + unacked >= 1, "acknowledged while Redis was unreachable"
         assert bb.redis.exists(key)
@@ -89,7 +90,7 @@ def test_postgres_outage_holds_the_ack_and_resumes_without_restart(bb: BlackBox)
         proxy.cut()
         bb.publish(pb.mention_event("Inserted", 1, 5, TS))
         proc.wait_http("/readyz", 503, timeout_s=15)
-        time.sleep(1)
+        time.sleep(1)  # the outage goes on while it retries: nothing may be acknowledged meanwhile
         ready, unacked = bb.queue_counts(bb.queue)
         assert ready + unacked == 1, "acknowledged while Postgres was unreachable"
         assert bb.row(1) is None
@@ -106,7 +107,7 @@ def test_broker_connection_loss_registers_the_consumer_again(bb: BlackBox) -> No
         proxy.cut()
         proc.wait_http("/readyz", 503, timeout_s=15)
         bb.publish(pb.mention_event("Inserted", 1, 5, TS))  # straight to the broker
-        time.sleep(0.5)
+        time.sleep(0.5)  # the outage goes on: nothing can be consumed meanwhile
         assert bb.row(1) is None
         proxy.restore()
         bb.wait_row(1, timeout_s=30)
@@ -146,16 +147,19 @@ def test_two_indexers_started_together_converge(bb: BlackBox) -> None:
         winners = {(e[2], e[4]) for e in mine if (e[3], rank[e[0]]) == top}
         if len(winners) == 1:
             expected[mention_id] = (top[1] == 2, top[0])
-    eventually(lambda: len(bb.rows()) == 40, timeout_s=20, what="40 rows")
+    eventually_sync(lambda: len(bb.rows()) == 40, timeout_s=20, what="40 rows")
     for proc in (first, second):
         proc.wait_http("/readyz", 200)
-    deadline = time.monotonic() + 20
-    while True:
+
+    def final() -> dict[int, tuple[bool, str]]:
         rows = bb.rows()
-        got = {m: (rows[m][3], rows[m][2].strftime("%Y-%m-%dT%H:%M:%SZ")) for m in expected}
-        if got == expected or time.monotonic() > deadline:
-            break
-        time.sleep(0.1)
+        return {m: (rows[m][3], rows[m][2].strftime("%Y-%m-%dT%H:%M:%SZ")) for m in expected}
+
+    try:
+        eventually_sync(lambda: final() == expected, timeout_s=20, interval_s=0.1)
+    except AssertionError:
+        pass  # the assertion below says which mentions differ
+    got = final()
     assert got == expected, {m: (got[m], expected[m]) for m in expected if got[m] != expected[m]}
 
 
@@ -164,7 +168,7 @@ def test_http_port_0_turns_the_endpoint_off(bb: BlackBox) -> None:
 
     proc = bb.indexer(start=False, INDEXER_HTTP_PORT="0")
     proc.start(wait_ready=False)
-    eventually(lambda: bb.queue_depth(bb.queue) is not None, what="the queue declared")
+    eventually_sync(lambda: bb.queue_depth(bb.queue) is not None, what="the queue declared")
     bb.publish(pb.mention_event("Inserted", 1, 1, TS))
     bb.wait_row(1)
     inodes = set()
@@ -191,9 +195,9 @@ def test_sigterm_while_postgres_hangs_exits_0_in_10s_and_loses_nothing(bb: Black
         bb.wait_acked()
         proxy.freeze()  # answers nothing, closes nothing
         bb.publish(pb.mention_event("Inserted", 1, 5, TS))
-        time.sleep(1)
+        time.sleep(1)  # its batch waits on the hung Postgres when SIGTERM comes
         code, elapsed = proc.terminate(timeout_s=15)
-        assert code == 0 and elapsed < 10, f"SIGTERM with a hung Postgres: exit {code} after {elapsed:.1f}s\n{proc.log()}"
+        assert code == 0 and elapsed < 10, f"SIGTERM with a hung Postgres: exit {code} after {elapsed:.1f}s\n{proc.tail()}"
         proxy.restore()
     proc = bb.indexer()
     bb.wait_row(1)

@@ -1,29 +1,24 @@
-"""SPEC §5 (read model) and §6 (ordering), observed in Postgres after publishing with pika."""
+"""The read model's table and the ordering rule (the highest version wins, whatever the delivery
+order), observed in Postgres after publishing with pika."""
 
 from __future__ import annotations
 
 import itertools
 import random
 import subprocess
-import sys
-from datetime import datetime, timedelta, timezone
+from datetime import timedelta
 
 from psycopg import sql
 
 from tests.blackbox import pb
-from tests.blackbox.harness import ROOT, BlackBox
-
-UTC = timezone.utc
-
-
-def at(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+from tests.blackbox.harness import BlackBox
+from tests.support.clock import utc
+from tests.support.process import spawn
 
 
-def test_migrate_creates_the_columns_of_section_5_idempotently_and_concurrently(bb: BlackBox) -> None:
+def test_migrate_creates_the_read_model_columns_idempotently_and_concurrently(bb: BlackBox) -> None:
     env = bb.env()
-    procs = [subprocess.Popen([sys.executable, "-m", "indexer", "migrate"], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    procs = [spawn(env, "migrate", stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(4)]
     outcomes = [(p.wait(60), *p.communicate()) for p in procs]
     assert all(code == 0 for code, _, _ in outcomes), outcomes
     again = bb.cli("migrate")
@@ -49,19 +44,19 @@ def test_migrate_creates_the_columns_of_section_5_idempotently_and_concurrently(
 def test_all_three_timestamp_forms_with_sub_second_precision(bb: BlackBox) -> None:
     bb.indexer()
     cases = {
-        1: ("Mon, 02 Jan 2006 15:04:05 UTC", "Mon, 02 Jan 2006 10:00:00 UTC", at(2006, 1, 2, 15, 4, 5), at(2006, 1, 2, 10)),
-        2: ("Mon, 02 Jan 2006 15:04:05 GMT", "Mon, 02 Jan 2006 10:00:00 GMT", at(2006, 1, 2, 15, 4, 5), at(2006, 1, 2, 10)),
+        1: ("Mon, 02 Jan 2006 15:04:05 UTC", "Mon, 02 Jan 2006 10:00:00 UTC", utc(2006, 1, 2, 15, 4, 5), utc(2006, 1, 2, 10)),
+        2: ("Mon, 02 Jan 2006 15:04:05 GMT", "Mon, 02 Jan 2006 10:00:00 GMT", utc(2006, 1, 2, 15, 4, 5), utc(2006, 1, 2, 10)),
         3: ("Mon, 02 Jan 2006 15:04:05 -0700", "Mon, 02 Jan 2006 10:00:00 +0100",
-            at(2006, 1, 2, 22, 4, 5), at(2006, 1, 2, 9)),
-        4: ("2006-01-02T15:04:05Z", "2006-01-02T10:00:00Z", at(2006, 1, 2, 15, 4, 5), at(2006, 1, 2, 10)),
+            utc(2006, 1, 2, 22, 4, 5), utc(2006, 1, 2, 9)),
+        4: ("2006-01-02T15:04:05Z", "2006-01-02T10:00:00Z", utc(2006, 1, 2, 15, 4, 5), utc(2006, 1, 2, 10)),
         5: ("2006-01-02T15:04:05.123456Z", "2006-01-02T10:00:00.25Z",
-            at(2006, 1, 2, 15, 4, 5) + timedelta(microseconds=123456), at(2006, 1, 2, 10) + timedelta(milliseconds=250)),
+            utc(2006, 1, 2, 15, 4, 5) + timedelta(microseconds=123456), utc(2006, 1, 2, 10) + timedelta(milliseconds=250)),
         6: ("2006-01-02T15:04:05.5+02:00", "2006-01-02T10:00:00.001-05:30",
-            at(2006, 1, 2, 13, 4, 5) + timedelta(milliseconds=500), at(2006, 1, 2, 15, 30) + timedelta(milliseconds=1)),
+            utc(2006, 1, 2, 13, 4, 5) + timedelta(milliseconds=500), utc(2006, 1, 2, 15, 30) + timedelta(milliseconds=1)),
     }
     # Go's RFC3339Nano: nine digits; at least the microseconds are kept
     cases[7] = ("2006-01-02T15:04:05.123456789Z", "2006-01-02t10:00:00.000001z",
-                at(2006, 1, 2, 15, 4, 5) + timedelta(microseconds=123456), at(2006, 1, 2, 10) + timedelta(microseconds=1))
+                utc(2006, 1, 2, 15, 4, 5) + timedelta(microseconds=123456), utc(2006, 1, 2, 10) + timedelta(microseconds=1))
     for mention_id, (tx, md, _, _) in cases.items():
         bb.publish(pb.mention_event("Inserted", mention_id, 3, tx, md))
     bb.wait_acked()
@@ -93,10 +88,10 @@ def test_late_insert_or_update_never_revives_and_newer_insert_does(bb: BlackBox)
         ("Deleted", 4, 5, t2, None), ("Inserted", 4, 5, t2, None), ("Updated", 4, 5, t2, None),
     ], separately=True)
     rows = bb.rows()
-    assert rows[1][2:] == (at(2020, 1, 1, 0, 0, 3), True), rows[1]
-    assert rows[2][2:] == (at(2020, 1, 1, 0, 0, 3), True), rows[2]
-    assert rows[3] == (7, None, at(2020, 1, 1, 0, 0, 3), False), rows[3]
-    assert rows[4][2:] == (at(2020, 1, 1, 0, 0, 2), True), rows[4]
+    assert rows[1][2:] == (utc(2020, 1, 1, 0, 0, 3), True), rows[1]
+    assert rows[2][2:] == (utc(2020, 1, 1, 0, 0, 3), True), rows[2]
+    assert rows[3] == (7, None, utc(2020, 1, 1, 0, 0, 3), False), rows[3]
+    assert rows[4][2:] == (utc(2020, 1, 1, 0, 0, 2), True), rows[4]
 
 
 def test_offsets_are_compared_as_instants_not_as_wall_clocks(bb: BlackBox) -> None:
@@ -122,8 +117,8 @@ def test_one_microsecond_orders_changes(bb: BlackBox) -> None:
         ("Updated", 2, 5, "2021-06-01T12:00:00.099999Z", None),  # older by 1 µs than the Delete
     ], separately=True)
     rows = bb.rows()
-    assert rows[1] == (5, None, at(2021, 6, 1, 12) + timedelta(microseconds=3), False), rows[1]
-    assert rows[2][2:] == (at(2021, 6, 1, 12) + timedelta(microseconds=100000), True), rows[2]
+    assert rows[1] == (5, None, utc(2021, 6, 1, 12) + timedelta(microseconds=3), False), rows[1]
+    assert rows[2][2:] == (utc(2021, 6, 1, 12) + timedelta(microseconds=100000), True), rows[2]
 
 
 def test_equal_timestamp_and_kind_converge_in_both_orders(bb: BlackBox) -> None:
@@ -175,8 +170,8 @@ def test_any_delivery_order_and_duplicates_give_the_same_table(bb: BlackBox) -> 
     finals = {row[1:] + (row[0],) for row in rows.values()}
     assert len(rows) == 20 and len(finals) == 1, rows
     org, mention_date, tx, deleted = next(iter(rows.values()))
-    assert (org, tx, deleted) == (9, at(2023, 1, 1, 0, 0, 4), False)
-    # SPEC §5: mention_date is null only where no change ever carried one
+    assert (org, tx, deleted) == (9, utc(2023, 1, 1, 0, 0, 4), False)
+    # mention_date is null only where no change ever carried one
     assert mention_date is not None, "a change without mention_date erased the stored one"
 
 
@@ -186,4 +181,4 @@ def test_a_change_without_mention_date_keeps_the_stored_one(bb: BlackBox) -> Non
         ("Inserted", 1, 5, "2024-01-01T00:00:01Z", "2023-12-31T00:00:00Z"),
         ("Updated", 1, 5, "2024-01-01T00:00:02Z", None),
     ], separately=True)
-    assert bb.row(1) == (5, at(2023, 12, 31), at(2024, 1, 1, 0, 0, 2), False)
+    assert bb.row(1) == (5, utc(2023, 12, 31), utc(2024, 1, 1, 0, 0, 2), False)

@@ -1,4 +1,4 @@
-"""SPEC §4: messages on the wire, published with pika and encoded without the product's code."""
+"""Messages on the wire, published with pika and encoded without the product's code."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from tests.blackbox import pb
 from tests.blackbox.harness import BlackBox
 
 TS = "Mon, 02 Jan 2006 15:04:05 UTC"
-T0 = datetime(2006, 1, 2, 15, 4, 5, tzinfo=timezone.utc)
+TS_INSTANT = datetime(2006, 1, 2, 15, 4, 5, tzinfo=timezone.utc)  # what TS stands for
 
 
 def test_binding_keys_are_the_four_full_protobuf_names(bb: BlackBox) -> None:
@@ -105,7 +105,7 @@ def test_each_accepted_content_type_is_applied(bb: BlackBox) -> None:
     for mention_id in (1, 2, 3, 4, 9007199254740993, 6, 7, 8, 9, 10):
         assert mention_id in rows, (mention_id, rows)
         org, _, tx, deleted = rows[mention_id]
-        assert (org, tx, deleted) == (11, T0, False), (mention_id, rows[mention_id])
+        assert (org, tx, deleted) == (11, TS_INSTANT, False), (mention_id, rows[mention_id])
     assert rows[9007199254740993][1] == datetime(2006, 1, 2, 10, tzinfo=timezone.utc)
 
 
@@ -149,7 +149,9 @@ GOOD_HEADERS = {"x-test": "value", "x-int": 7, "x-big": 2**40, "x-bool": True, "
 
 
 def _unusable(bb: BlackBox) -> dict[str, tuple[bytes, str | None, str]]:
-    """name → (body, content type, routing key) of every dead-letter case SPEC §4 lists."""
+    """name → (body, content type, routing key) of every kind of message that must be dead-lettered:
+    undecodable, of an unknown content type, missing a required field, with a bad timestamp or
+    organization id, over the size limit."""
     ins = "events.MentionInserted"
     insert = lambda payload: pb.vt_event(pb.core(id="c"), pb.any_("events.MentionInserted", pb.mention_message(payload)))  # noqa: E731
     return {

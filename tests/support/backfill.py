@@ -1,20 +1,21 @@
 """Test helpers for the backfill: a source table in the test's own schema, with column names other
-than the read model's, and a way to run a backfill in-process."""
+than the read model's (the ``source`` fixture), and a way to run a backfill in-process."""
 
 from __future__ import annotations
 
 import io
 from collections.abc import Iterable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 
 import psycopg
+import pytest
 from psycopg import sql
 
-from indexer.backfill import Options, Report, backfill
 from indexer.cache import CacheInvalidator
 from indexer.config import Settings
+from indexer.ops.backfill import Options, Report, backfill
+from indexer.readmodel.migrate import migrate
 
 
 @dataclass(frozen=True)
@@ -70,8 +71,10 @@ class SourceTable:
         return f"SELECT {', '.join(columns)} FROM {self.schema}.posts"
 
 
-@contextmanager
-def source_table(settings: Settings) -> Iterator[SourceTable]:
+@pytest.fixture
+def source(settings: Settings) -> Iterator[SourceTable]:
+    """The read model migrated, and an empty source table beside it (in a schema of its own)."""
+    migrate(settings.database_url, settings.schema_name)
     table = SourceTable(settings.database_url, settings.schema_name + "_src")
     table.create()
     try:

@@ -1,7 +1,7 @@
 """Where the tests find Postgres, Redis and RabbitMQ.
 
 1. ``DATABASE_URL`` / ``REDIS_URL`` / ``AMQP_URL`` when set;
-2. otherwise the SPEC defaults when something answers there (this machine, CI);
+2. otherwise the documented defaults (below) when something answers there (this machine, CI);
 3. otherwise testcontainers, when a Docker engine answers;
 4. otherwise fail, saying what to set.
 """

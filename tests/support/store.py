@@ -1,15 +1,22 @@
-"""Test helpers for the read model: read the table back, and compute the table the SPEC expects."""
+"""Test helpers for the read model: the table as ``Row``s, the store of a test, and the table that
+applying the changes in version order gives (the oracle)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from datetime import datetime, timedelta, timezone
+from collections.abc import AsyncIterator, Iterable
+from datetime import datetime
 from typing import NamedTuple
 
 import psycopg
+import pytest
 from psycopg import sql
 
 from indexer.changes import Change, Kind, version_key
+from indexer.config import Settings
+from indexer.readmodel.migrate import migrate
+from indexer.readmodel.store import Store
+from tests.support.clock import at
+from tests.support.tables import aread_mentions, read_mentions
 
 
 class Row(NamedTuple):
@@ -24,19 +31,17 @@ class Row(NamedTuple):
 
 
 def read_table(url: str, schema: str) -> dict[int, Row]:
-    query = sql.SQL(
-        "SELECT mention_id, organization_id, mention_date, transaction_timestamp, change_kind, deleted"
-        " FROM {} ORDER BY mention_id"
-    ).format(sql.Identifier(schema, "mentions"))
-    with psycopg.connect(url) as conn:
-        return {mention_id: Row(*rest) for mention_id, *rest in conn.execute(query)}
+    return {mention_id: Row(*rest) for mention_id, rest in read_mentions(url, schema, Row._fields).items()}
 
 
-def read_row(url: str, schema: str, mention_id: int) -> dict[str, object] | None:
-    """Every column of one row, for tests that look at the bookkeeping columns too."""
-    query = sql.SQL("SELECT * FROM {} WHERE mention_id = %s").format(sql.Identifier(schema, "mentions"))
-    with psycopg.connect(url, row_factory=psycopg.rows.dict_row) as conn:
-        return conn.execute(query, (mention_id,)).fetchone()
+async def aread_table(url: str, schema: str) -> dict[int, Row]:
+    """``read_table`` without blocking the event loop."""
+    return {mention_id: Row(*rest) for mention_id, rest in (await aread_mentions(url, schema, Row._fields)).items()}
+
+
+def table(settings: Settings) -> dict[int, Row]:
+    """The test's read model."""
+    return read_table(settings.database_url, settings.schema_name)
 
 
 def truncate(url: str, schema: str) -> None:
@@ -44,25 +49,25 @@ def truncate(url: str, schema: str) -> None:
         conn.execute(sql.SQL("TRUNCATE {}").format(sql.Identifier(schema, "mentions")))
 
 
+@pytest.fixture
+async def store(settings: Settings) -> AsyncIterator[Store]:
+    """The test's schema migrated, and a store on it."""
+    migrate(settings.database_url, settings.schema_name)
+    async with Store(settings.database_url, settings.schema_name) as s:
+        yield s
+
+
 def oracle(changes: Iterable[Change]) -> dict[int, Row]:
-    """The table SPEC §6 prescribes, by its definition: every change applied in version order,
-    each replacing the row but leaving the fields it does not carry (organization None or 0,
-    mention_date None) as they were.  Deliberately not the store's algorithm (registers)."""
-    table: dict[int, Row] = {}
+    """The table the changes define: every change applied in version order, each replacing the row
+    but leaving the fields it does not carry (organization None or 0, mention_date None) as they
+    were.  Deliberately not the store's algorithm (registers)."""
+    rows: dict[int, Row] = {}
     for c in sorted(changes, key=version_key):
-        current = table.get(c.mention_id)
+        current = rows.get(c.mention_id)
         organization_id = c.organization_id or (current.organization_id if current else 0)
         mention_date = c.mention_date if c.mention_date is not None else (current.mention_date if current else None)
-        table[c.mention_id] = Row(organization_id, mention_date, c.transaction_timestamp, int(c.kind), c.deleted)
-    return dict(sorted(table.items()))
-
-
-T0 = datetime(2024, 1, 1, 12, 0, tzinfo=timezone.utc)
-
-
-def at(seconds: float) -> datetime:
-    """A timestamp ``seconds`` after a fixed origin; keeps test histories readable."""
-    return T0 + timedelta(seconds=seconds)
+        rows[c.mention_id] = Row(organization_id, mention_date, c.transaction_timestamp, int(c.kind), c.deleted)
+    return dict(sorted(rows.items()))
 
 
 def change(
@@ -72,7 +77,7 @@ def change(
     ts_s: float,
     date_s: float | None = 0,
 ) -> Change:
-    """A Change with its timestamps given as seconds after ``T0``."""
+    """A Change with its timestamps given as seconds after ``T0`` (tests/support/clock.py)."""
     return Change(
         kind=kind,
         mention_id=mention_id,

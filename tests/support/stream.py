@@ -12,16 +12,17 @@ import asyncio
 import random
 import time
 from collections.abc import Iterable, Sequence
-from datetime import datetime, timedelta, timezone
+from datetime import datetime, timezone
 
 import aio_pika
-import aiormq
 
-from indexer import wire
-from indexer.broker import declare_topology
 from indexer.changes import Change, Kind, version_key
 from indexer.config import Settings
-from tests.support.store import T0, Row
+from indexer.ingest import declare_topology, wire
+from tests.support.amqp import queue_state
+from tests.support.service import change_body
+from tests.support.store import Row, change
+from tests.support.waiting import eventually
 
 _NO_DATE = datetime.min.replace(tzinfo=timezone.utc)
 
@@ -61,37 +62,12 @@ def history(rng: random.Random, mention_ids: Iterable[int], orgs: Sequence[int])
             if rng.random() < 0.04:  # another change claiming the same instant and kind
                 steps.append((kind, rng.choice(orgs), rng.randrange(0, 10_000_000), t_ms))
         for kind, o, d, t in steps:
-            change = make_change(kind, mention_id, o, d, t)
-            changes.append(change)
+            one = change(kind, mention_id, o, ts_s=t / 1000, date_s=d)
+            changes.append(one)
             while rng.random() < 0.12:  # duplicate deliveries
-                changes.append(change)
+                changes.append(one)
     rng.shuffle(changes)
     return changes
-
-
-def make_change(kind: Kind, mention_id: int, org: int, date_s: int, t_ms: int) -> Change:
-    return Change(kind, mention_id, org, T0 + timedelta(seconds=date_s), T0 + timedelta(milliseconds=t_ms))
-
-
-def body_of(change: Change, *, padding: int = 0) -> bytes:
-    message = wire.mention_message(
-        change.kind, change.mention_id, change.organization_id, change.mention_date, change.transaction_timestamp
-    )
-    body = wire.encode(wire.build_event(message, organization_id=str(change.organization_id or "")))
-    if padding:
-        # An unknown length-delimited field (number 1000): skipped by the decoder, as a field of a
-        # newer schema would be; it only makes the message bigger.
-        body += _varint((1000 << 3) | 2) + _varint(padding) + b"x" * padding
-    return body
-
-
-def _varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
 
 
 # ---- publishing ---------------------------------------------------------------------------------
@@ -184,7 +160,7 @@ class Publisher:
 
         async def one(seq: int, change: Change) -> None:
             message = aio_pika.Message(
-                body_of(change, padding=self.padding),
+                change_body(change, padding=self.padding),
                 content_type=wire.CONTENT_TYPE,
                 message_id=str(seq),
                 delivery_mode=aio_pika.DeliveryMode.PERSISTENT,
@@ -199,19 +175,6 @@ class Publisher:
 # ---- the queue as seen from outside ------------------------------------------------------------
 
 
-async def queue_state(settings: Settings, queue: str | None = None) -> tuple[int, int]:
-    """(ready messages, consumers) of the queue; unacknowledged messages are not counted."""
-    connection = await aio_pika.connect(settings.amqp_url)
-    async with connection:
-        channel = await connection.channel()
-        try:
-            declared = await channel.declare_queue(queue or settings.queue, passive=True)
-        except aiormq.exceptions.ChannelNotFoundEntity:
-            return 0, 0
-        result = declared.declaration_result
-        return result.message_count or 0, result.consumer_count or 0
-
-
 async def remaining_ids(settings: Settings, *, timeout_s: float = 20) -> set[int]:
     """The ``message_id`` of every message in the queue, left in the queue.
 
@@ -219,13 +182,12 @@ async def remaining_ids(settings: Settings, *, timeout_s: float = 20) -> set[int
     deliveries are back in the queue) and nobody publishing.
     """
     deadline = time.monotonic() + timeout_s
-    while True:
-        count, consumers = await queue_state(settings)
-        if consumers == 0:
-            break
-        if time.monotonic() > deadline:
-            raise AssertionError(f"the queue still has {consumers} consumer(s)")
-        await asyncio.sleep(0.05)
+
+    async def unconsumed() -> tuple[int, int] | None:
+        state = await queue_state(settings.amqp_url, settings.queue)
+        return state if state[1] == 0 else None
+
+    count, _ = await eventually(unconsumed, timeout_s=timeout_s, what="no consumer left on the queue")
     if count == 0:
         return set()
     ids: set[int] = set()

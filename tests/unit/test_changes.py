@@ -1,4 +1,5 @@
-"""The version order of SPEC §6 and batch coalescing, as properties over generated changes."""
+"""The version order of changes (timestamp, then kind, organization and date) and batch
+coalescing, as properties over generated changes."""
 
 from __future__ import annotations
 
@@ -8,16 +9,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from indexer.changes import Change, Kind, coalesce, supersedes, touched_organizations, version_key
-
-UTC = timezone.utc
-BASE = datetime(2024, 1, 1, tzinfo=UTC)
+from tests.support.clock import T0, UTC
 
 # Few distinct values so that equal timestamps, kinds and contents actually collide.
-instants = st.integers(min_value=0, max_value=4).map(lambda n: BASE + timedelta(microseconds=n))
+instants = st.integers(min_value=0, max_value=4).map(lambda n: T0 + timedelta(microseconds=n))
 # The same instant written in another offset must compare equal.
 offsets = st.sampled_from([UTC, timezone(timedelta(hours=5, minutes=30)), timezone(timedelta(hours=-7))])
 timestamps = st.builds(lambda instant, tz: instant.astimezone(tz), instants, offsets)
-dates = st.none() | st.sampled_from([BASE - timedelta(days=1), BASE - timedelta(days=2)])
+dates = st.none() | st.sampled_from([T0 - timedelta(days=1), T0 - timedelta(days=2)])
 
 
 @st.composite
@@ -99,7 +98,7 @@ def test_offsets_do_not_change_the_instant(instant: datetime, tz: timezone) -> N
     assert version_key(utc) == version_key(local)
 
 
-# --------------------------------------------------------------------------- SPEC §6 consequences
+# --------------------------------------------------------------------------- consequences of the order
 
 
 @given(changes(st.just(1)), changes(st.just(1)))

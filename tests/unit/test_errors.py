@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from indexer.errors import Unavailable, mask_url
+from indexer.errors import Unavailable
+from indexer.redact import mask_url
 
 
 @pytest.mark.parametrize(

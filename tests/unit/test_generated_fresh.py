@@ -8,7 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.process import ROOT
+
 SCRIPT = ROOT / "scripts" / "gen_proto.py"
 COMMITTED = ROOT / "indexer" / "events"
 

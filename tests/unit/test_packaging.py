@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support.process import ROOT, clean_environment, command, run_cli
 
 
 def test_compose_file_is_accepted_by_docker_compose_when_available() -> None:
@@ -34,15 +34,15 @@ def test_compose_services_have_healthchecks_and_the_indexer_waits_for_them() -> 
     assert 'ENTRYPOINT ["mention-indexer"]' in dockerfile.read_text()
 
 
-@pytest.mark.parametrize("command", [[sys.executable, "-m", "indexer"], [str(Path(sys.executable).with_name("mention-indexer"))]])
-def test_both_entry_points_list_every_sub_command(command: list[str]) -> None:
-    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60)
+@pytest.mark.parametrize("entry_point", [command(), [str(Path(sys.executable).with_name("mention-indexer"))]])
+def test_both_entry_points_list_every_sub_command(entry_point: list[str]) -> None:
+    result = subprocess.run([*entry_point, "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     for sub in ("run", "migrate", "backfill", "refresh-cache", "emit", "dlq"):
         assert sub in result.stdout
 
 
 def test_no_command_is_bad_usage() -> None:
-    result = subprocess.run([sys.executable, "-m", "indexer"], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 2
-    assert "COMMAND" in result.stderr
+    result = run_cli(clean_environment(), timeout_s=60)
+    assert result.code == 2
+    assert "COMMAND" in result.err

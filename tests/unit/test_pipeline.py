@@ -8,22 +8,21 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 
 import pytest
 
-from indexer import wire
 from indexer.changes import Change, Kind
 from indexer.errors import Refused, Unavailable
+from indexer.ingest import wire
 from indexer.pipeline import Pipeline
-
-T = datetime(2026, 1, 1, tzinfo=timezone.utc)
+from tests.support.clock import T0
 
 
 @dataclass(frozen=True)
 class Msg:
     body: bytes
     content_type: str | None = wire.CONTENT_TYPE
+    routing_key: str = "events.MentionInserted"
 
 
 @dataclass(frozen=True)
@@ -31,6 +30,9 @@ class Result:
     applied: int
     skipped: int
     organizations: frozenset[int]
+    duplicate: int = 0
+    stale: int = 0
+    applied_at: tuple[datetime, ...] = ()
 
 
 @dataclass
@@ -72,7 +74,7 @@ class Sink:
 
 
 def change(mention_id: int, org: int) -> Msg:
-    return Msg(wire.encode(wire.build_event(wire.mention_message(Kind.INSERTED, mention_id, org, None, T))))
+    return Msg(wire.encode(wire.build_event(wire.mention_message(Kind.INSERTED, mention_id, org, None, T0))))
 
 
 def refresh(org: str) -> Msg:
@@ -81,8 +83,8 @@ def refresh(org: str) -> Msg:
 
 async def test_dead_letters_then_one_commit_then_invalidation_of_every_named_org() -> None:
     log = Log()
-    pipeline = Pipeline(Store(log), Cache(log), max_message_bytes=4096)
-    outcome = await pipeline.handle([change(1, 10), Msg(b"\xff junk"), change(2, 11), refresh("12")], Sink(log))
+    pipeline = Pipeline(Store(log), Cache(log), Sink(log), max_message_bytes=4096)
+    outcome = await pipeline.handle([change(1, 10), Msg(b"\xff junk"), change(2, 11), refresh("12")])
     assert [step for step, _ in log.steps] == ["dead_letter", "commit", "invalidate"]
     assert log.steps[1] == ("commit", [1, 2])
     assert log.steps[2] == ("invalidate", [10, 11, 12])
@@ -91,14 +93,14 @@ async def test_dead_letters_then_one_commit_then_invalidation_of_every_named_org
 
 async def test_refresh_of_every_org_flushes_all_after_the_commit() -> None:
     log = Log()
-    await Pipeline(Store(log), Cache(log), max_message_bytes=4096).handle([change(1, 10), refresh("")], Sink(log))
+    await Pipeline(Store(log), Cache(log), Sink(log), max_message_bytes=4096).handle([change(1, 10), refresh("")])
     assert [step for step, _ in log.steps] == ["commit", "invalidate", "invalidate_all"]
 
 
 async def test_a_change_postgres_refuses_is_dead_lettered_alone() -> None:
     log = Log()
-    pipeline = Pipeline(Store(log, refuse={2}), Cache(log), max_message_bytes=4096)
-    outcome = await pipeline.handle([change(1, 10), change(2, 11), change(3, 12)], Sink(log))
+    pipeline = Pipeline(Store(log, refuse={2}), Cache(log), Sink(log), max_message_bytes=4096)
+    outcome = await pipeline.handle([change(1, 10), change(2, 11), change(3, 12)])
     assert ("dead_letter", "rejected by postgres: value out of range") in log.steps
     assert [ids for step, ids in log.steps if step == "commit"] == [[1], [3]]
     assert outcome.applied == 2 and outcome.dead_lettered == 1
@@ -112,5 +114,5 @@ async def test_a_failure_nobody_retried_reaches_the_caller_before_any_invalidati
 
     log = Log()
     with pytest.raises(Unavailable):
-        await Pipeline(Down(log), Cache(log), max_message_bytes=4096).handle([change(1, 10)], Sink(log))
+        await Pipeline(Down(log), Cache(log), Sink(log), max_message_bytes=4096).handle([change(1, 10)])
     assert log.steps == []  # nothing invalidated, so the caller cannot have a reason to ack

@@ -1,4 +1,5 @@
-"""Timestamp forms of SPEC §6: what is accepted, what it means, and that formatting round-trips."""
+"""The timestamp forms a change may carry (RFC1123, RFC1123Z, RFC3339): what is accepted, what it
+means, and that formatting round-trips."""
 
 from __future__ import annotations
 
@@ -9,14 +10,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from indexer.timestamps import format_rfc1123, format_rfc1123z, format_rfc3339, parse_timestamp
+from tests.support.clock import UTC, utc
 
-UTC = timezone.utc
 DAYS = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")
 MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
-
-
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
 
 
 @pytest.mark.parametrize(

@@ -1,4 +1,4 @@
-"""The codec (SPEC §4): every seed message round-trips, every refusal says why, nothing else escapes."""
+"""The codec: every seed message round-trips, every refusal says why, nothing else escapes."""
 
 from __future__ import annotations
 
@@ -15,16 +15,16 @@ from google.protobuf.message import Message
 from hypothesis import given
 from hypothesis import strategies as st
 
-from indexer import wire
 from indexer.changes import CacheRefresh, Change, Kind
 from indexer.errors import BadOrganizationId, BadTimestamp, MissingField, OutOfRange, Refused, TooLarge, Undecodable
 from indexer.events import core_pb2, job_pb2, mention_notification_pb2, trigger_pb2
+from indexer.ingest import wire
+from indexer.ingest.wire import SEED_MODULES
 from indexer.timestamps import parse_timestamp
-from indexer.wire import SEED_MODULES
 
 UTC = timezone.utc
 MAX = 64 * 1024
-T0 = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
+TX = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)  # the transaction timestamp of payload()
 DATE = datetime(2024, 1, 2, 3, 4, 5, tzinfo=UTC)
 # Every top-level message of the nine seed files.
 ALL_MESSAGES = sorted(
@@ -81,17 +81,17 @@ def refusal(body: bytes, content_type: str | None = wire.CONTENT_TYPE) -> Refuse
 @pytest.mark.parametrize("kind", list(Kind))
 @pytest.mark.parametrize("as_json", [False, True], ids=["protobuf", "json"])
 def test_mention_events_become_changes(kind: Kind, as_json: bool) -> None:
-    message = wire.mention_message(kind, 42, 7, DATE, T0)
+    message = wire.mention_message(kind, 42, 7, DATE, TX)
     event = wire.build_event(message, trace_context={"traceparent": "00-abc-def-01"})
     body = json_format.MessageToJson(event).encode() if as_json else wire.encode(event)
     change = decode(body, wire.JSON_CONTENT_TYPE if as_json else wire.CONTENT_TYPE)
-    assert change == Change(kind, 42, 7, DATE, T0, event_id=event.core.id)
+    assert change == Change(kind, 42, 7, DATE, TX, event_id=event.core.id)
     assert isinstance(change, Change)
     assert change.trace_context == {"traceparent": "00-abc-def-01"}
 
 
 def test_delete_without_organization_or_date() -> None:
-    change = decode(body_of(wire.mention_message(Kind.DELETED, 42, None, None, T0)))
+    change = decode(body_of(wire.mention_message(Kind.DELETED, 42, None, None, TX)))
     assert isinstance(change, Change)
     assert (change.organization_id, change.mention_date) == (None, None)
 
@@ -153,7 +153,7 @@ def test_json_with_original_field_names_and_unknown_fields() -> None:
         },
     }
     change = decode(json.dumps(document).encode(), "application/json")
-    assert change == Change(Kind.UPDATED, 42, 7, None, T0.replace(microsecond=0), event_id="e9")
+    assert change == Change(Kind.UPDATED, 42, 7, None, TX.replace(microsecond=0), event_id="e9")
 
 
 def test_binary_unknown_fields_are_skipped() -> None:
@@ -210,7 +210,7 @@ def test_json_in_another_charset() -> None:
 
 
 def test_truncated_body_is_refused() -> None:
-    body = body_of(wire.mention_message(Kind.INSERTED, 42, 7, DATE, T0))
+    body = body_of(wire.mention_message(Kind.INSERTED, 42, 7, DATE, TX))
     refused = refusal(body[:-3])
     assert isinstance(refused, Undecodable)
     assert refused.reason.startswith("not a protobuf VtEvent")
@@ -218,7 +218,7 @@ def test_truncated_body_is_refused() -> None:
 
 def test_every_truncation_is_refused() -> None:
     """Cutting a body anywhere never yields a different change: it is refused."""
-    body = body_of(wire.mention_message(Kind.INSERTED, 42, 7, DATE, T0), trace_context={"a": "b"})
+    body = body_of(wire.mention_message(Kind.INSERTED, 42, 7, DATE, TX), trace_context={"a": "b"})
     for end in range(len(body)):
         with pytest.raises(Refused):
             decode(body[:end])
@@ -365,7 +365,7 @@ def _apply(buffer: bytearray, edits: list[tuple[int, int]]) -> bytearray:
     return buffer
 
 
-VALID_BODY = body_of(wire.mention_message(Kind.UPDATED, 42, 7, DATE, T0), trace_context={"k": "v"})
+VALID_BODY = body_of(wire.mention_message(Kind.UPDATED, 42, 7, DATE, TX), trace_context={"k": "v"})
 
 
 @given(_mutations(VALID_BODY))
@@ -425,7 +425,7 @@ def test_arbitrary_payloads_give_a_valid_change_or_a_refusal(
 
 
 def test_build_event_fills_core_as_the_seed_says() -> None:
-    event = wire.build_event(wire.mention_message(Kind.INSERTED, 1, 2, None, T0), organization_id="2")
+    event = wire.build_event(wire.mention_message(Kind.INSERTED, 1, 2, None, TX), organization_id="2")
     core = event.core
     assert uuid.UUID(core.id).version == 4
     assert re.fullmatch(r"[A-Z][a-z]{2}, \d{2} [A-Z][a-z]{2} \d{4} \d{2}:\d{2}:\d{2} \+0000", core.timestamp)
@@ -476,11 +476,11 @@ def test_routing_key_and_content_type() -> None:
 
 
 def test_payload_timestamps_keep_the_seed_format_unless_sub_seconds_matter() -> None:
-    whole = T0.replace(microsecond=0)
+    whole = TX.replace(microsecond=0)
     message = wire.mention_message(Kind.UPDATED, 1, 2, DATE, whole)
     assert message.payload.mention_date == "Tue, 02 Jan 2024 03:04:05 UTC"
     assert message.payload.transaction_timestamp == "Mon, 06 May 2024 07:08:09 UTC"
-    assert wire.mention_message(Kind.UPDATED, 1, 2, None, T0).payload.transaction_timestamp == "2024-05-06T07:08:09.123456Z"
+    assert wire.mention_message(Kind.UPDATED, 1, 2, None, TX).payload.transaction_timestamp == "2024-05-06T07:08:09.123456Z"
 
 
 @pytest.mark.parametrize(
@@ -490,7 +490,7 @@ def test_payload_timestamps_keep_the_seed_format_unless_sub_seconds_matter() -> 
 )
 def test_mention_message_refuses_what_decode_would(kind: Kind, mention_id: int, organization_id: int | None) -> None:
     with pytest.raises(ValueError):
-        wire.mention_message(kind, mention_id, organization_id, None, T0)
+        wire.mention_message(kind, mention_id, organization_id, None, TX)
 
 
 def test_mention_message_needs_aware_timestamps() -> None:

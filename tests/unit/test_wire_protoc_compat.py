@@ -3,18 +3,10 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from datetime import datetime, timezone
-from pathlib import Path
-
-import grpc_tools
-
-from indexer import wire
 from indexer.changes import CacheRefresh, Change, Kind
-
-ROOT = Path(__file__).resolve().parents[2]
-INCLUDE = Path(grpc_tools.__file__).resolve().parent / "_proto"  # google/protobuf/any.proto
+from indexer.ingest import wire
+from tests.blackbox.pb import protoc_encode  # protoc --encode over proto/events
+from tests.support.clock import utc
 
 MENTION_INSERTED = """
 core {
@@ -47,39 +39,14 @@ data { [type.googleapis.com/events.TriggerCacheRefresh] {} }
 """
 
 
-def protoc_encode(text: str) -> bytes:
-    result = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "grpc_tools.protoc",
-            "--encode=events.VtEvent",
-            "-I",
-            "proto",
-            "-I",
-            str(INCLUDE),
-            "proto/events/core.proto",
-            "proto/events/mention_notification.proto",
-            "proto/events/trigger.proto",
-        ],
-        cwd=ROOT,
-        input=text.encode(),
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr.decode()
-    return result.stdout
-
-
 def test_protoc_encoded_mention_inserted_decodes() -> None:
     change = wire.decode(protoc_encode(MENTION_INSERTED), "application/x-protobuf", max_bytes=4096)
     assert change == Change(
         kind=Kind.INSERTED,
         mention_id=9007199254740993,  # beyond float precision: int64 all the way through
         organization_id=17,
-        mention_date=datetime(2006, 1, 2, 15, 4, 5, tzinfo=timezone.utc),
-        transaction_timestamp=datetime(2006, 1, 2, 22, 4, 5, tzinfo=timezone.utc),
+        mention_date=utc(2006, 1, 2, 15, 4, 5),
+        transaction_timestamp=utc(2006, 1, 2, 22, 4, 5),
         event_id="0f8fad5b-d9cb-469f-a165-70867728950e",
     )
     assert isinstance(change, Change)

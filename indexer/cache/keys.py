@@ -1,0 +1,91 @@
+"""The key layout of one prefix's caches (see the package doc).  Pure: no Redis here.
+
+Every name is built from a checked prefix and a checked organization id, so no caller can make a
+key outside ``P:{O}:`` or a glob out of an id.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from indexer.ids import check_organization_id
+
+# Characters that would turn a prefix into a glob or move the {org} hash tag; the settings refuse
+# the same ones for INDEXER_CACHE_PREFIX.
+PREFIX_FORBIDDEN = frozenset("{}*?[]\\ \t\r\n")
+MAX_KEY_BYTES = 1024
+
+
+def check_prefix(prefix: str) -> str:
+    if not isinstance(prefix, str) or not prefix or PREFIX_FORBIDDEN & set(prefix):
+        raise ValueError(f"cache prefix must be non-empty, without braces, globs or spaces: {prefix!r}")
+    return prefix
+
+
+def check_key(key: str) -> str:
+    """A key is the part after ``P:{O}:``; any printable text, the helper adds the rest."""
+    if not isinstance(key, str):
+        raise TypeError(f"cache key must be a str, got {type(key).__name__}")
+    if not key or len(key.encode()) > MAX_KEY_BYTES:
+        raise ValueError(f"cache key must be 1 to {MAX_KEY_BYTES} bytes")
+    if any(ord(c) < 32 or ord(c) == 127 for c in key):
+        raise ValueError(f"cache key contains a control character: {key!r}")
+    return key
+
+
+def namespace(prefix: str, org: int) -> str:
+    """``P:{O}:``, the start of every cached key of ``org``."""
+    return f"{check_prefix(prefix)}:{{{check_organization_id(org)}}}:"
+
+
+def data_key(prefix: str, org: int, key: str) -> str:
+    return namespace(prefix, org) + check_key(key)
+
+
+def index_key(prefix: str, org: int) -> str:
+    return f"{check_prefix(prefix)}:idx:{{{check_organization_id(org)}}}"
+
+
+def epoch_key(prefix: str, org: int) -> str:
+    return f"{check_prefix(prefix)}:epoch:{{{check_organization_id(org)}}}"
+
+
+def registry_key(prefix: str) -> str:
+    return f"{check_prefix(prefix)}:orgs"
+
+
+def fresh_epoch() -> str:
+    # Random start (package doc, eviction); 2^62 leaves INCR room before int64 overflow.
+    return str(secrets.randbelow(2**62) + 1)
+
+
+def ttl_ms(ttl_s: float) -> int:
+    if isinstance(ttl_s, bool) or not isinstance(ttl_s, int | float) or not 0 <= ttl_s < math.inf:
+        raise ValueError(f"ttl_s must be a finite number >= 0 (0 = no expiry), got {ttl_s!r}")
+    return math.ceil(ttl_s * 1000)
+
+
+def as_bytes(value: Any) -> bytes:
+    if isinstance(value, str):
+        return value.encode()
+    if isinstance(value, bytes | bytearray | memoryview):
+        return bytes(value)
+    raise TypeError(f"a cache loader must return bytes or str, got {type(value).__name__}")
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """The keys one get_or_fill call works on; building it validates the arguments."""
+
+    registry: str
+    org: int
+    slot_keys: tuple[str, str, str]  # epoch, index, data: one slot
+    ttl_ms: int
+
+    @classmethod
+    def of(cls, prefix: str, org: int, key: str, ttl_s: float) -> Entry:
+        keys = (epoch_key(prefix, org), index_key(prefix, org), data_key(prefix, org, key))
+        return cls(registry_key(prefix), org, keys, ttl_ms(ttl_s))

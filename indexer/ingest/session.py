@@ -1,0 +1,254 @@
+"""One AMQP connection's life: consume in batches, dead-letter, acknowledge.
+
+No robust connection: a ``Session`` dies with its connection and the service opens a new one.
+That is deliberate (aio-pika #231, #312, #563): deliveries of a dead channel can never be acked on a
+new one, because they are dropped together with the session that received them, and the consumer is
+registered again by construction.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import aio_pika
+import aiormq
+from aio_pika.abc import AbstractIncomingMessage
+
+from indexer.config import Settings
+from indexer.errors import Unavailable
+from indexer.ingest import republish
+from indexer.ingest.topology import (
+    CONNECTION_ERRORS,
+    ERROR_HEADER,
+    connect,
+    declare_topology,
+)
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+class SessionLost(Unavailable):
+    """The connection or a channel of the session closed under us."""
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """One received message; ``_message`` ties it to its channel so it is acked only there."""
+
+    body: bytes
+    content_type: str | None
+    routing_key: str
+    exchange: str
+    headers: dict[str, Any]
+    received_s: float  # time.monotonic() when it arrived
+    _message: AbstractIncomingMessage = field(repr=False)
+
+
+class Session:
+    """One AMQP connection: a consuming channel, a confirming channel for dead letters."""
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._inbox: deque[Delivery] = deque()
+        self._arrived = asyncio.Event()
+        self._lost = asyncio.Event()
+        self._consumer_tag: str | None = None
+        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._dlq_channel: aio_pika.abc.AbstractChannel | None = None
+        self._held: set[int | None] = set()  # delivery tags never to acknowledge (hold)
+        self.unacknowledged = 0  # deliveries received and not acknowledged yet
+
+    async def open(self) -> None:
+        settings = self._settings
+        self._connection = await connect(settings.amqp_url, name=f"consumer of {settings.queue}")
+        self._connection.close_callbacks.add(self._on_close)
+        try:
+            channel = await self._connection.channel(publisher_confirms=False)
+            # Declaring may close (and reopen) the channel once, see _declare_queue: only watch
+            # the channel for closes once the topology stands.
+            self._queue = await declare_topology(channel, settings)
+            channel.close_callbacks.add(self._on_close)
+            await channel.set_qos(prefetch_count=settings.prefetch)
+            # on_return_raises: a dead letter the broker cannot route (DLQ deleted under us) must
+            # fail, not count as delivered while the original is acked away.
+            self._dlq_channel = await self._connection.channel(publisher_confirms=True, on_return_raises=True)
+            self._dlq_channel.close_callbacks.add(self._on_close)
+            # The broker can cancel a consumer and leave its channel open (queue deleted, and so
+            # on): nothing would arrive again while all looks well.  Treat it as a lost session,
+            # so the service opens a new one, declares the topology again and consumes.
+            underlay = await channel.get_underlay_channel()
+            underlay.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
+            self._consumer_tag = await self._queue.consume(self._receive)
+        except CONNECTION_ERRORS as exc:
+            await self.close()
+            raise SessionLost("rabbitmq", settings.amqp_url, str(exc) or type(exc).__name__) from None
+        log.info("consuming from queue %s (prefetch %d)", settings.queue, settings.prefetch)
+
+    def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
+        if not self._lost.is_set():
+            log.warning("rabbitmq session closed: %s", exc or "closed")
+        self._lost.set()
+
+    def _on_consumer_cancelled(self, _frame: Any) -> None:
+        if not self._lost.is_set():
+            log.warning("rabbitmq cancelled our consumer (was queue %s deleted?)", self._settings.queue)
+        self._lost.set()
+
+    async def _receive(self, message: AbstractIncomingMessage) -> None:
+        # The inbox holds at most `prefetch` deliveries: the broker sends no more until we ack.
+        self.unacknowledged += 1
+        self._inbox.append(
+            Delivery(
+                body=message.body,
+                content_type=message.content_type,
+                routing_key=message.routing_key or "",
+                exchange=message.exchange or "",
+                headers=dict(message.headers or {}),
+                received_s=time.monotonic(),
+                _message=message,
+            )
+        )
+        self._arrived.set()
+
+    @property
+    def lost(self) -> bool:
+        return self._lost.is_set()
+
+    async def next_batch(self, batch_size: int, batch_wait_ms: int) -> list[Delivery]:
+        """Up to ``batch_size`` deliveries, waiting at most ``batch_wait_ms`` after the first."""
+        await self._wait_for_delivery(None)
+        deadline = time.monotonic() + batch_wait_ms / 1000
+        batch: list[Delivery] = []
+        while len(batch) < batch_size:
+            if self._inbox:
+                batch.append(self._inbox.popleft())
+                continue
+            remaining_s = deadline - time.monotonic()
+            if remaining_s <= 0 or not await self._wait_for_delivery(remaining_s):
+                break
+        return batch
+
+    async def _wait_for_delivery(self, timeout_s: float | None) -> bool:
+        # Waits on events, never on a get: cancelling an event wait cannot swallow a delivery,
+        # and a swallowed delivery would later be acked unprocessed by a multiple=True ack.
+        while not self._inbox:
+            if self._lost.is_set():
+                raise SessionLost("rabbitmq", self._settings.amqp_url, "connection lost")
+            self._arrived.clear()
+            waiters = {asyncio.ensure_future(self._arrived.wait()), asyncio.ensure_future(self._lost.wait())}
+            try:
+                done, _ = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for waiter in waiters:
+                    waiter.cancel()
+            if not done:
+                return False
+        return True
+
+    async def guard(self, awaitable: Awaitable[T]) -> T:
+        """Await ``awaitable`` unless the session is lost first; then cancel it and raise SessionLost."""
+        task = asyncio.ensure_future(awaitable)
+        lost = asyncio.ensure_future(self._lost.wait())
+        try:
+            await asyncio.wait({task, lost}, return_when=asyncio.FIRST_COMPLETED)
+        except BaseException:
+            task.cancel()
+            raise
+        finally:
+            lost.cancel()
+        if task.done():
+            return task.result()
+        task.cancel()
+        try:
+            await task
+        except BaseException:
+            pass
+        raise SessionLost("rabbitmq", self._settings.amqp_url, "connection lost")
+
+    async def dead_letter(self, delivery: Delivery, reason: str) -> None:
+        """Publish to the DLQ with the original body, properties and headers; returns once confirmed.
+
+        A header that cannot be written back (no AMQP type carries it) costs the headers, never the
+        letter: it goes without them, and its reason says so."""
+        assert self._dlq_channel is not None
+        ours = {
+            ERROR_HEADER: reason,
+            "x-original-exchange": delivery.exchange,
+            "x-original-routing-key": delivery.routing_key,
+            "x-dead-lettered-at": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        try:
+            properties = republish.dead_letter_properties(delivery._message, ours)
+            properties.marshal()  # here, before anything is sent, if a header cannot be written
+        except (TypeError, ValueError) as exc:
+            log.warning("dead letter without its original headers: %s", exc)
+            ours[ERROR_HEADER] = f"{reason}; original headers not kept: {exc}"[:1000]
+            properties = republish.dead_letter_properties(delivery._message, ours, keep_headers=False)
+        publishing = republish.publish(self._dlq_channel, delivery.body, properties, self._settings.dlq)
+        try:
+            await self.guard(publishing)
+        except aio_pika.exceptions.PublishError:
+            # Routed nowhere: end the session; the next one declares the DLQ again and the batch,
+            # unacknowledged, is redelivered and dead-lettered there.
+            self._lost.set()
+            raise SessionLost(
+                "rabbitmq", self._settings.amqp_url, f"dead-letter queue {self._settings.dlq} is missing"
+            ) from None
+        except aiormq.exceptions.DeliveryError as exc:
+            # Refused (e.g. a full DLQ with reject-publish): wait and try again, never ack the original.
+            raise Unavailable(
+                "rabbitmq", self._settings.amqp_url, f"the dead-letter queue refused a message: {exc}"
+            ) from None
+        except CONNECTION_ERRORS as exc:
+            raise SessionLost("rabbitmq", self._settings.amqp_url, str(exc) or type(exc).__name__) from None
+
+    def hold(self, deliveries: Iterable[Delivery]) -> None:
+        """Never acknowledge these (they could not be dead-lettered); they return to the queue
+        when the session ends."""
+        self._held.update(delivery._message.delivery_tag for delivery in deliveries)
+
+    async def ack(self, batch: Sequence[Delivery]) -> None:
+        """Acknowledge the batch: one frame (multiple=True on its last delivery), or one per
+        delivery once any delivery of the session is held."""
+        if not batch:
+            return
+        if self._lost.is_set():
+            raise SessionLost("rabbitmq", self._settings.amqp_url, "cannot ack on a lost channel")
+        try:
+            if not self._held:
+                await batch[-1]._message.ack(multiple=True)
+                self.unacknowledged -= len(batch)
+                return
+            for delivery in batch:
+                if delivery._message.delivery_tag not in self._held:
+                    await delivery._message.ack()
+                    self.unacknowledged -= 1
+        except CONNECTION_ERRORS as exc:
+            raise SessionLost("rabbitmq", self._settings.amqp_url, str(exc) or type(exc).__name__) from None
+
+    async def stop_consuming(self) -> None:
+        """Cancel the consumer: the broker sends no more; unacked deliveries return on close."""
+        if self._queue is not None and self._consumer_tag is not None and not self._lost.is_set():
+            try:
+                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), 2)
+            except CONNECTION_ERRORS:
+                pass
+            self._consumer_tag = None
+
+    async def close(self) -> None:
+        connection, self._connection = self._connection, None
+        self._lost.set()
+        if connection is not None and not connection.is_closed:
+            try:
+                await asyncio.wait_for(connection.close(), 3)
+            except CONNECTION_ERRORS:
+                pass

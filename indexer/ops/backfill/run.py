@@ -1,0 +1,305 @@
+"""One backfill run: checks, then chunk after chunk, each committed with its checkpoint and then
+invalidated (see the package docstring for the rules).
+
+The source is only ever read, whatever the query (``--source-query`` is the operator's SQL):
+
+* its session defaults to read-only transactions (``default_transaction_read_only``, added to any
+  ``options`` the URL or ``PGOPTIONS`` sets), and every statement that contains the query runs in
+  an explicit ``READ ONLY`` transaction, which nothing inside it can turn read-write;
+* every statement that contains the query is first sent as a prepared statement (psycopg's
+  ``prepare=True``: the extended protocol, whose Parse takes exactly one statement), so a query
+  that closes our wrapping to stack statements of its own is refused before anything runs;
+* a COPY cannot be prepared (psycopg sends it over the simple protocol, which runs every
+  statement of its text), so each COPY text is the prepared, checked statement wrapped in
+  ``COPY (…) TO STDOUT``.  Postgres parses a whole text before running any of it, so that COPY
+  is one statement as long as its text is read as it was when checked: after every statement
+  that runs the query, the settings that change how SQL text is read
+  (``standard_conforming_strings``, ``client_encoding``) must be as they were, or the run stops
+  with exit 2 before the next statement is sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from collections.abc import AsyncGenerator, Iterable
+from contextlib import aclosing
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, Protocol, TextIO
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from indexer.errors import ConfigError, Conflict
+from indexer.ops.backfill.errors import ONLY_READS, source_errors, target_errors
+from indexer.ops.backfill.source import Source, describe_query, normalized
+from indexer.ops.backfill.target import COPY_INTO_STAGING, Counts, Target
+from indexer.ops.progress import Progress
+from indexer.readmodel.connection import connection_options
+from indexer.readmodel.migrate import migrate_async
+from indexer.retry import retry_transient
+
+log = logging.getLogger(__name__)
+
+_CONNECT_TIMEOUT_S = 5
+_CONFLICT_ATTEMPTS = 5  # a chunk aborted by Postgres (e.g. a standby's recovery conflict) is re-read
+
+
+class Invalidator(Protocol):
+    async def start(self) -> None: ...
+    async def invalidate(self, orgs: Iterable[int]) -> int: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Options:
+    source_url: str
+    target_url: str
+    schema: str
+    query: str | None = None
+    """None: the default source, ``public.mentions``."""
+    organizations: tuple[int, ...] = ()
+    batch_size: int = 10_000
+    prune: bool = False
+    resume: bool = False
+    dry_run: bool = False
+    retry_initial_s: float = 0.2
+    retry_max_s: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Report:
+    counts: Counts
+    elapsed_s: float
+    dry_run: bool
+    resumed_after: int | None
+
+    def summary(self) -> str:
+        c = self.counts
+        rate = c.read / self.elapsed_s if self.elapsed_s > 0 else 0.0
+        head = "backfill (dry run, nothing changed)" if self.dry_run else "backfill"
+        if self.resumed_after is not None:
+            head += f" (resumed after mention {self.resumed_after})"
+        return (
+            f"{head}: read {c.read}, inserted {c.inserted}, updated {c.updated}, unchanged {c.unchanged},"
+            f" stale-skipped {c.stale}, tombstoned {c.tombstoned}; {rate:,.0f} rows/s in {self.elapsed_s:.1f} s"
+        )
+
+
+async def backfill(options: Options, cache: Invalidator, *, progress_stream: TextIO = sys.stderr) -> Report:
+    """Run a backfill to its end; raises ``ConfigError`` (bad query or schema), ``Unavailable``."""
+    query = normalized(options.query)
+    if not options.dry_run:
+        await migrate_async(options.target_url, options.schema)
+        # Starts the cache's key tracker (its one SCAN) now, not inside the first invalidation.
+        await retry_transient(cache.start, what="redis", initial_s=options.retry_initial_s, max_s=options.retry_max_s)
+    with source_errors(options.source_url):
+        source_conn = await _connect_source(options.source_url)
+    try:
+        with target_errors(options.target_url, options.schema):
+            target_conn = await _connect(options.target_url)
+        try:
+            run = _Run(options, query, source_conn, target_conn, cache)
+            return await run.all(progress_stream)
+        finally:
+            await target_conn.close()
+    finally:
+        await source_conn.close()
+
+
+async def _connect(url: str) -> psycopg.AsyncConnection:
+    return await psycopg.AsyncConnection.connect(url, autocommit=True, **connection_options(_CONNECT_TIMEOUT_S))
+
+
+# What decides how Postgres reads the text of a statement: a query that changes them could make
+# the next statement's text read as several statements.
+_LEXING = "SELECT current_setting('standard_conforming_strings'), current_setting('client_encoding')"
+
+
+_READ_ONLY = "-c default_transaction_read_only=on"
+
+
+def source_connection_options(url: str) -> dict[str, Any]:
+    """``connection_options`` for the source, whose session defaults to read-only transactions.
+
+    libpq takes one ``options``: given here, it replaces the URL's and ``PGOPTIONS``, so theirs are
+    kept in front (a later ``-c`` wins: ours)."""
+    options = connection_options(_CONNECT_TIMEOUT_S)
+    given = conninfo_to_dict(url).get("options")
+    if given is None:
+        given = os.environ.get("PGOPTIONS")
+    parts = (str(given or "").strip(), str(options.get("options") or "").strip(), _READ_ONLY)
+    options["options"] = " ".join(part for part in parts if part)
+    return options
+
+
+async def _connect_source(url: str) -> psycopg.AsyncConnection:
+    return await psycopg.AsyncConnection.connect(url, autocommit=True, **source_connection_options(url))
+
+
+class _Run:
+    def __init__(
+        self,
+        options: Options,
+        query: str,
+        source_conn: psycopg.AsyncConnection,
+        target_conn: psycopg.AsyncConnection,
+        cache: Invalidator,
+    ) -> None:
+        self._options = options
+        self._query = query
+        self._src = source_conn
+        self._tgt = target_conn
+        self._cache = cache
+        self._source: Source
+        self._target: Target
+        self._lexing: tuple[Any, ...] | None = None
+
+    async def all(self, progress_stream: TextIO) -> Report:
+        options = self._options
+        with source_errors(options.source_url):
+            # A timestamp without time zone in the source is read as UTC, whatever the server's
+            # default; each chunk is one snapshot (REPEATABLE READ), read-only.
+            await self._src.execute("SET TIME ZONE 'UTC'")
+            await self._src.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+            await self._src.set_read_only(True)  # every transaction() below: BEGIN ... READ ONLY
+            self._lexing = await (await self._src.execute(_LEXING)).fetchone()
+            async with self._src.transaction():
+                # Column names first, before anything is streamed or written.  (One statement,
+                # or its preparation refuses it: see the module doc.)
+                cursor = await self._checked(describe_query(self._query))
+                columns = [column.name for column in cursor.description or ()]
+                self._source = Source.checked(self._query, options.organizations, columns)
+                # Planning a chunk checks that every column casts to the read model's type, and
+                # that the text every COPY wraps is one statement.
+                await self._checked(self._source.chunk(None, 0))
+        self._target = Target(self._tgt, options.schema, self._source.organizations)
+        name, description = self._source.checkpoint_name(options.source_url)
+
+        with target_errors(options.target_url, options.schema):
+            await self._target.prepare()
+            if not options.dry_run:
+                await self._target.lock(name)
+            checkpoint = await self._target.checkpoint(name)
+        if checkpoint is not None and checkpoint.pending_organizations and not options.dry_run:
+            # The previous run may have died between a commit and its invalidation.
+            await self._invalidate(checkpoint.pending_organizations)
+        after = None
+        if options.resume and checkpoint is not None and not checkpoint.completed:
+            after = checkpoint.last_mention_id
+            log.info("resuming %s after mention %s", name, after)
+        elif options.resume:
+            log.info("nothing to resume for %s: starting over", name)
+        if not options.dry_run and after is None:
+            with target_errors(options.target_url, options.schema):
+                await self._target.record(name, description, None, None, (), None)
+        resumed_after = after
+
+        with source_errors(options.source_url):
+            async with self._src.transaction():
+                cursor = await self._checked(self._source.count(after))
+                row = await cursor.fetchone()
+        progress = Progress("backfill", row[0] if row else None, progress_stream)
+        total = Counts()
+        try:
+            while True:
+                counts, after, final = await self._chunk_retrying(name, description, after)
+                total.add(counts)
+                progress.advance(counts.read)
+                if not options.dry_run and counts.organizations:
+                    await self._invalidate(counts.organizations)
+                if final:
+                    break
+            if not options.dry_run:
+                with target_errors(options.target_url, options.schema):
+                    await self._target.clear_pending(name)
+        finally:
+            progress.close()
+        return Report(total, progress.elapsed_s, options.dry_run, resumed_after)
+
+    async def _checked(self, statement: sql.Composed) -> psycopg.AsyncCursor[tuple[Any, ...]]:
+        """Run a statement that contains the query as a prepared statement, then make sure it left
+        the reading of SQL text as it was (module doc)."""
+        cursor = await self._src.execute(statement, prepare=True)
+        await self._lexing_unchanged()
+        return cursor
+
+    async def _lexing_unchanged(self) -> None:
+        now = await (await self._src.execute(_LEXING)).fetchone()
+        if now != self._lexing:
+            raise ConfigError(
+                f"{ONLY_READS}; it changes how SQL text is read"
+                f" (standard_conforming_strings, client_encoding: {self._lexing} -> {now})"
+            )
+
+    async def _invalidate(self, organizations: Iterable[int]) -> None:
+        orgs = sorted(organizations)
+        await retry_transient(
+            lambda: self._cache.invalidate(orgs),
+            what="redis",
+            initial_s=self._options.retry_initial_s,
+            max_s=self._options.retry_max_s,
+        )
+
+    async def _chunk_retrying(self, name: str, description: str, after: int | None) -> tuple[Counts, int | None, bool]:
+        for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
+            try:
+                return await self._chunk(name, description, after)
+            except Conflict as exc:
+                if attempt == _CONFLICT_ATTEMPTS:
+                    raise
+                log.warning("chunk after mention %s aborted (attempt %d), reading it again: %s", after, attempt, exc)
+        raise AssertionError("unreachable")
+
+    async def _chunk(self, name: str, description: str, after: int | None) -> tuple[Counts, int | None, bool]:
+        """Read, merge and (unless a dry run) commit the rows after ``after``; the chunk's counts,
+        the mention to continue after, and whether this was the last chunk."""
+        options, source, target = self._options, self._source, self._target
+        with source_errors(options.source_url):
+            async with self._src.transaction():
+                # The first statement takes the snapshot; its transaction started just before.
+                cursor = await self._src.execute("SELECT transaction_timestamp()")
+                row = await cursor.fetchone()
+                assert row is not None
+                snapshot_at: datetime = row[0]
+                with target_errors(options.target_url, options.schema):
+                    async with self._tgt.transaction(force_rollback=options.dry_run):
+                        await self._copy(source.chunk(after, options.batch_size))
+                        read, last = await target.staged()
+                        final = read < options.batch_size
+                        # The chunk covers (after, last]; the last one also the tail after it.
+                        up_to = None if final else last
+                        if options.prune:
+                            if source.organizations:
+                                moved = await target.prune_candidates(after, up_to)
+                                if moved:  # gone from the scope, maybe not from the source
+                                    await self._copy(source.lookup(moved))
+                                    read, _ = await target.staged()
+                            await target.stage_tombstones(after, up_to, snapshot_at)
+                        counts = await target.merge()
+                        counts.read = read
+                        if last is not None and (after is None or last > after):
+                            after = last
+                        if not options.dry_run:
+                            completed_at = datetime.now(UTC) if final else None
+                            await target.record(
+                                name, description, after, snapshot_at, sorted(counts.organizations), completed_at
+                            )
+        return counts, after, final
+
+    async def _copy(self, rows: sql.Composable) -> None:
+        """Stream ``rows`` from the source into the staging table, binary and unparsed."""
+        async with self._tgt.cursor().copy(COPY_INTO_STAGING) as into:
+            async with aclosing(self._read(rows)) as chunks:
+                async for data in chunks:
+                    await into.write(data)
+
+    async def _read(self, rows: sql.Composable) -> AsyncGenerator[bytes | bytearray | memoryview]:
+        with source_errors(self._options.source_url):
+            statement = sql.SQL("COPY (\n{}\n) TO STDOUT (FORMAT BINARY)").format(rows)
+            async with self._src.cursor().copy(statement) as out:
+                async for data in out:
+                    yield data
+            await self._lexing_unchanged()

@@ -1,0 +1,46 @@
+"""Connections to Postgres and psycopg's errors by what the caller must do: the one translation
+for Postgres, shared by the live path, the migrations and the backfill."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import psycopg
+
+from indexer.errors import Conflict, Unavailable
+from indexer.redact import scrub
+
+
+def connection_options(connect_timeout_s: int, *, idle_in_transaction_timeout_s: int | None = None) -> dict[str, Any]:
+    """libpq options shared by every connection of the indexer."""
+    options: dict[str, Any] = {
+        "connect_timeout": connect_timeout_s,
+        "application_name": "mention-indexer",
+        # A silently dropped peer surfaces as an error within ~30 s instead of a hang.
+        "keepalives": 1,
+        "keepalives_idle": 10,
+        "keepalives_interval": 5,
+        "keepalives_count": 3,
+    }
+    if idle_in_transaction_timeout_s is not None:
+        # A session orphaned mid-transaction (our side reconnected, the server never noticed)
+        # would keep its row locks and block the new session for hours: let Postgres end it.
+        options["options"] = f"-c idle_in_transaction_session_timeout={idle_in_transaction_timeout_s}s"
+    return options
+
+
+@contextmanager
+def translate_errors(url: str) -> Iterator[None]:
+    """Map psycopg errors to what the caller must do: ``Conflict`` (re-run) or ``Unavailable`` (wait).
+
+    Anything else (a bug, a constraint violation) propagates unchanged.
+    """
+    try:
+        yield
+    except (psycopg.errors.SerializationFailure, psycopg.errors.DeadlockDetected) as exc:
+        raise Conflict(f"postgres aborted the transaction: {exc.sqlstate} {exc.diag.message_primary}") from exc
+    except psycopg.OperationalError as exc:
+        # "from None": the chained original would print the unscrubbed text in a traceback.
+        raise Unavailable("postgres", url, scrub(str(exc).strip(), url)) from None

@@ -1,0 +1,202 @@
+"""The Postgres read model: apply a batch of changes under the version guard (docs/ordering.md).
+
+A batch is folded into one write per mention (``registers.fold``) and written by the statement
+shared with the backfill (``merge``): the row follows the highest-version change, and
+``organization_id`` and ``mention_date`` each follow the highest-version change that carried
+them, so a change that leaves a field out (a Delete without organization, a change without
+date) gives the same table in any delivery order.  The guard is evaluated by Postgres on the
+locked current row, never by reading first and deciding in Python, so two indexers racing on the
+same mentions converge on the same row.
+
+A Delete that names no organization (0 is protobuf's "not set" and means the same) of a mention
+never seen before leaves a tombstone in organization 0, which is never reported for cache
+invalidation; the first change that carries an organization moves it.
+
+Callers must pass every change, not a ``changes.coalesce``-d batch: coalescing drops a lower
+change that may carry a field the newest one left out.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import psycopg
+from psycopg import sql
+
+from indexer.changes import Change, touched_organizations, version_bytes
+from indexer.errors import Refused, Unavailable
+from indexer.readmodel.connection import connection_options, translate_errors
+from indexer.readmodel.merge import merge_statement
+from indexer.readmodel.registers import fold
+
+# Placeholder organization of a tombstone whose Deletes named none (see module docstring).
+UNKNOWN_ORGANIZATION = 0
+# The live path never idles inside a transaction: one statement, then commit.
+IDLE_IN_TRANSACTION_TIMEOUT_S = 10
+
+_INCOMING = """
+unnest(%s::bigint[], %s::bytea[], %s::timestamptz[], %s::smallint[],
+       %s::bigint[], %s::bytea[], %s::timestamptz[], %s::bytea[])
+    AS c(mention_id, version, transaction_timestamp, change_kind,
+         organization_id, organization_version, mention_date, mention_date_version)
+"""
+
+# For mentions the batch did not write (duplicates, stale): the organizations the stored row is
+# in and came from, so a redelivery whose first delivery lost its invalidation still invalidates
+# (docs/caches.md).
+_STORED_ORGANIZATIONS = """
+SELECT mention_id, version, organization_id, previous_organization_id
+FROM {mentions} WHERE mention_id = ANY(%s::bigint[])
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ApplyResult:
+    applied: int
+    """Mentions whose row now holds this batch's newest change for them (created or advanced)."""
+    skipped: int
+    """The other changes: stale, duplicate, or superseded within the batch.  A stale change may
+    still have filled a field that every newer change left out (see ``registers``)."""
+    organizations: frozenset[int]
+    """Organizations whose caches must be invalidated, applied or not."""
+    duplicate: int = field(default=0, compare=False)
+    """Of ``skipped``: changes whose version the row already has."""
+    stale: int = field(default=0, compare=False)
+    """Of ``skipped``: changes older than the row (or than another change of the batch)."""
+    applied_at: tuple[datetime, ...] = field(default=(), compare=False)
+    """The ``transaction_timestamp`` of each applied change."""
+
+
+class Store:
+    """The read model over ONE connection, opened lazily and reopened after a failure.
+
+    Not safe for concurrent use: the service applies one batch at a time.
+    """
+
+    def __init__(self, url: str, schema: str, *, connect_timeout_s: int = 5) -> None:
+        self._url = url
+        self._connect_timeout_s = connect_timeout_s
+        mentions = sql.Identifier(schema, "mentions")
+        self._upsert = merge_statement(mentions, sql.SQL(_INCOMING), only_changed_fields=False)
+        self._stored_organizations = sql.SQL(_STORED_ORGANIZATIONS).format(mentions=mentions)
+        self._conn: psycopg.AsyncConnection | None = None
+
+    async def apply(self, changes: Sequence[Change]) -> ApplyResult:
+        """Apply a batch under the version guard and commit.
+
+        Any batch is accepted, with duplicates and several changes per mention.  Raises
+        ``Unavailable`` or ``Conflict``; in both cases nothing was committed and the batch can be
+        retried as it is.  ``Refused`` when a value of the batch cannot be stored; the caller can
+        apply the changes one by one to find the culprit.
+        """
+        try:
+            writes = fold(changes)
+        except ValueError as exc:  # an organization beyond int64 has no version
+            raise Refused(f"unusable change: {exc}") from exc
+        if not writes:
+            return ApplyResult(0, 0, frozenset())
+        params = (
+            [w.mention_id for w in writes],
+            [w.version for w in writes],
+            [w.transaction_timestamp for w in writes],
+            [int(w.kind) for w in writes],
+            [w.organization_id for w in writes],
+            [w.organization_version for w in writes],
+            [w.mention_date for w in writes],
+            [w.mention_date_version for w in writes],
+        )
+        newest = {w.mention_id: w.version for w in writes}
+        organizations = touched_organizations(changes)
+        try:
+            async with self._session() as conn, conn.transaction():
+                cursor = await conn.execute(self._upsert, params, binary=True)
+                rows = await cursor.fetchall()
+                unwritten = set(newest) - {row[0] for row in rows}
+                if unwritten:
+                    cursor = await conn.execute(self._stored_organizations, (sorted(unwritten),), binary=True)
+                    rows += await cursor.fetchall()
+        except (psycopg.DataError, psycopg.IntegrityError) as exc:
+            # A value Postgres cannot take (e.g. an id beyond bigint): retrying cannot help.
+            raise Refused(f"postgres refused the batch: {exc.sqlstate} {exc.diag.message_primary}") from exc
+        row_versions: dict[int, bytes] = {}
+        for mention_id, version, organization_id, previous_organization_id in rows:
+            row_versions[mention_id] = version
+            organizations.add(organization_id)
+            if previous_organization_id is not None:
+                organizations.add(previous_organization_id)
+        organizations.discard(UNKNOWN_ORGANIZATION)
+        return _classified(changes, newest, row_versions, unwritten, frozenset(organizations))
+
+    async def ping(self) -> None:
+        """Raise ``Unavailable`` unless Postgres answers a query."""
+        async with self._session() as conn:
+            await conn.execute("SELECT 1")
+
+    async def aclose(self) -> None:
+        await self._discard()
+
+    async def __aenter__(self) -> Store:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    @asynccontextmanager
+    async def _session(self) -> AsyncIterator[psycopg.AsyncConnection]:
+        """The store's connection, opened if needed; errors come out as ``Unavailable``/``Conflict``."""
+        try:
+            with translate_errors(self._url):
+                if self._conn is None or self._conn.closed:
+                    self._conn = await psycopg.AsyncConnection.connect(
+                        self._url,
+                        autocommit=True,
+                        **connection_options(
+                            self._connect_timeout_s, idle_in_transaction_timeout_s=IDLE_IN_TRANSACTION_TIMEOUT_S
+                        ),
+                    )
+                yield self._conn
+        except Unavailable:
+            await self._discard()
+            raise
+        except BaseException:
+            # Cancelled mid-statement (shutdown) or similar: the connection's state is unknown.
+            if self._conn is not None and self._conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+                await self._discard()
+            raise
+
+    async def _discard(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.close()
+            except Exception:  # closing a broken connection may fail; it is gone either way
+                pass
+
+
+def _classified(
+    changes: Sequence[Change],
+    newest: dict[int, bytes],
+    row_versions: dict[int, bytes],
+    unwritten: set[int],
+    organizations: frozenset[int],
+) -> ApplyResult:
+    """Each change as applied (the row now holds it, written by this batch: once per mention),
+    duplicate (the row had its version already) or stale (the row is newer)."""
+    applied_at: list[datetime] = []
+    counted: set[int] = set()
+    duplicate = stale = 0
+    for change in changes:
+        mention_id, version = change.mention_id, version_bytes(change)
+        row_version = row_versions.get(mention_id)
+        if row_version is None or version < row_version:
+            stale += 1  # (None: a row gone meanwhile, e.g. a concurrent DROP; nothing to say of it)
+        elif mention_id not in unwritten and mention_id not in counted and version == newest[mention_id]:
+            counted.add(mention_id)
+            applied_at.append(change.transaction_timestamp)
+        else:
+            duplicate += 1
+    applied = len(applied_at)
+    return ApplyResult(applied, len(changes) - applied, organizations, duplicate, stale, tuple(applied_at))
