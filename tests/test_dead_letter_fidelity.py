@@ -84,7 +84,7 @@ async def _publish_poison_then_good(settings: Settings) -> None:
         underlay = await channel.get_underlay_channel()
         poison = _ProducerProperties(
             content_type="application/x-protobuf", delivery_mode=2, headers=HEADERS, priority=3,
-            correlation_id="corr-1", app_id="node-producer", expiration="600000", message_type="odd",
+            correlation_id="corr-1", app_id="node-producer", expiration="64770", message_type="odd",
             message_id="poison-1",
         )
         await underlay.basic_publish(b"\xff not a protobuf", exchange=settings.exchange,
@@ -123,7 +123,8 @@ async def test_a_poison_message_with_double_headers_is_dead_lettered_exactly_and
         assert headers[name] == value, (name, headers[name], value)
     assert (props.priority, props.correlation_id, props.app_id, props.type) == (3, "corr-1", "node-producer", "odd")
     assert props.message_id == "poison-1"
-    assert headers["x-original-expiration"] == "600000" and props.expiration is None
+    # 64.77 s: aio-pika truncated 64769.999… ms to 64769 before the dead letter rounded it back
+    assert headers["x-original-expiration"] == "64770" and props.expiration is None
 
 
 async def test_replay_republishes_the_headers_unchanged(settings: Settings) -> None:
@@ -140,7 +141,7 @@ async def test_replay_republishes_the_headers_unchanged(settings: Settings) -> N
     headers = dict(props.headers or {})
     headers.pop("x-delivery-count", None)  # the quorum queue annotates every delivery, ours too
     assert headers == HEADERS
-    assert props.expiration == 600  # aio-pika shows it in seconds
+    assert props.expiration == 64.77  # aio-pika shows it in seconds
     assert (props.priority, props.correlation_id, props.app_id, props.type) == (3, "corr-1", "node-producer", "odd")
 
 

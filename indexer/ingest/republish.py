@@ -57,10 +57,12 @@ def dead_letter_properties(
     is false), persistent, with expiration and user id moved into headers, plus ``extra_headers``."""
     received = message.properties
     headers = _message_headers(received) if keep_headers else {}
-    for name, header in MOVED_TO_HEADERS.items():
-        value = getattr(received, name)
-        if value:
-            headers[header] = value
+    # aio-pika hands the expiration over in seconds (a float) and truncates when it writes it
+    # back: the milliseconds on the wire are recovered by rounding.
+    if isinstance(message.expiration, int | float):
+        headers[MOVED_TO_HEADERS["expiration"]] = str(round(message.expiration * 1000))
+    if received.user_id:
+        headers[MOVED_TO_HEADERS["user_id"]] = received.user_id
     headers.update(extra_headers)
     return copy_of(received, headers, expiration=None, user_id=None, delivery_mode=2)
 
