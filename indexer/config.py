@@ -83,7 +83,9 @@ class Settings(BaseSettings):
         None, "SOURCE_DATABASE_URL", "the mentions database the backfill reads (default: DATABASE_URL)"
     )
     redis_url: str = _setting("redis://127.0.0.1:6379/0", "REDIS_URL", "Redis holding the per-organization caches")
-    amqp_url: str = _setting("amqp://guest:guest@127.0.0.1:5672/", "AMQP_URL", "RabbitMQ")
+    amqp_url: str = _setting(
+        "amqp://guest:guest@127.0.0.1:5672/", "AMQP_URL", "RabbitMQ; the nodes of one cluster separated by commas"
+    )
     schema_name: str = _setting("mention_index", "INDEXER_SCHEMA", "Postgres schema of the read model tables")
     exchange: str = _setting("events", "INDEXER_EXCHANGE", "topic exchange, durable")
     queue: str = _setting(
@@ -167,9 +169,12 @@ class Settings(BaseSettings):
     @field_validator("amqp_url")
     @classmethod
     def _amqp_url(cls, value: str) -> str:
-        if not value.startswith(("amqp://", "amqps://")):
-            raise ValueError("must be an amqp:// or amqps:// URL")
-        return _parseable(value)
+        nodes = [node.strip() for node in value.split(",")]
+        if not all(node.startswith(("amqp://", "amqps://")) for node in nodes):
+            raise ValueError("must be amqp:// or amqps:// URLs, several separated by commas")
+        for node in nodes:
+            _parseable(node)
+        return ",".join(nodes)
 
     @field_validator("schema_name")
     @classmethod

@@ -29,8 +29,11 @@ from indexer.supervision import SupervisedCache, SupervisedDeadLetters, Supervis
 
 log = logging.getLogger(__name__)
 PROBE_INTERVAL_S = 5.0
-# After the batch budget, closing the connections gets this long; a service that does not answer
-# (no close-ok) is left behind: the broker requeues what we held when it notices we are gone.
+# From the stop request to the end of the connections' close: under the 10 s an orchestrator gives.
+STOP_BUDGET_S = 9.0
+# Closing the connections gets at least this long, even after a batch used all its budget; a
+# service that does not answer (no close-ok) is left behind then: the broker requeues what we held
+# when it notices we are gone.
 CLOSE_TIMEOUT_S = 0.5
 
 
@@ -60,15 +63,19 @@ class Service:
 
     async def run(self) -> None:
         """Until ``request_stop``.  The batch in hand gets ``shutdown_timeout_s`` from the stop
-        request to finish, closing the connections at most ``CLOSE_TIMEOUT_S`` more: a service
-        that stopped answering cannot stretch the shutdown step by step (exit within 10 s)."""
+        request to finish; closing the connections (waiting for the broker's close-ok, so that it
+        has every unacknowledged delivery back before the process ends) gets what is left of
+        ``STOP_BUDGET_S``, at least ``CLOSE_TIMEOUT_S``: a service that stopped answering cannot
+        stretch the shutdown step by step (exit within 10 s)."""
         loop = asyncio.get_running_loop()
         http = self._start_http()
         work = asyncio.create_task(self._work(), name="indexer-work")
         stop = asyncio.create_task(self._stop.wait())
+        stopped_at: float | None = None
         try:
             await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
-            deadline = loop.time() + self.settings.shutdown_timeout_s
+            stopped_at = loop.time()
+            deadline = stopped_at + self.settings.shutdown_timeout_s
             if not work.done() and self._busy:
                 if self._session is not None:
                     await _within(self._session.stop_consuming(), deadline - loop.time())
@@ -81,7 +88,8 @@ class Service:
         finally:
             stop.cancel()
             http_stopped = asyncio.create_task(asyncio.to_thread(http.stop)) if http is not None else None
-            await _cancel_within(work, CLOSE_TIMEOUT_S)
+            spent_s = 0.0 if stopped_at is None else loop.time() - stopped_at
+            await _cancel_within(work, max(CLOSE_TIMEOUT_S, STOP_BUDGET_S - spent_s))
             if http_stopped is not None:
                 await http_stopped
         if not work.cancelled() and work.exception() is not None:

@@ -115,7 +115,7 @@ async def idle(process: IndexerProcess, quiet_s: float = 0.5) -> None:
     last = None
     quiet_since = time.monotonic()
     while time.monotonic() - quiet_since < quiet_s:
-        batches = (await asyncio.to_thread(process.metrics)).get("indexer_batches_total")
+        batches = (await asyncio.to_thread(process.metrics))["mention_indexer_batches_total"]
         if batches != last:
             last, quiet_since = batches, time.monotonic()
         await asyncio.sleep(0.1)
@@ -390,6 +390,31 @@ async def test_sigterm_mid_stream_exits_0_quickly_leaving_nothing_unacknowledged
         await indexer.start_ready()
         publisher.resume()
         await h.drained_and_stopped(indexer, publisher)
+
+
+async def test_sigterm_with_a_slow_broker_waits_for_the_close_and_hands_every_delivery_back(harness: Harness) -> None:
+    # 0.3 s each way: the broker's close-ok takes longer than the half second a close used to get.
+    h = harness
+    h.amqp.latency_s = 0.3
+    indexer = h.indexer(via=("rabbitmq",), prefetch=1000, batch_messages=50)
+    await indexer.start_ready()
+    stream = history(h.rng, range(1, 2001), ORGS)
+    async with Publisher(h.settings) as publisher:
+        publisher.start(stream, chunk=200, interval_s=0.0)
+        await publisher.finished()
+        await eventually(lambda: _some_rows(h), what="a first batch applied")
+        code, elapsed = await asyncio.to_thread(indexer.terminate)
+        print(f"SIGTERM to exit with a slow broker: {elapsed:.1f}s")
+        assert code == 0 and elapsed < 10, indexer.tail()
+        assert "not waiting for them" not in indexer.log_path.read_text(), indexer.tail()
+        # Right after the exit every delivery not acknowledged is ready again: none was still held.
+        ready, _ = await queue_state(h.settings.amqp_url, h.settings.queue)
+        acked = await h.check_invariant(publisher)
+        assert ready == len(stream) - acked, (ready, acked)
+
+
+async def _some_rows(h: Harness) -> bool:
+    return bool(await h.table())
 
 
 async def test_sigterm_with_a_batch_stuck_on_postgres_exits_0_within_10_s(harness: Harness) -> None:

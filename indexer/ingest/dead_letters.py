@@ -44,7 +44,7 @@ class DeadLetterQueue:
         self._connection: aio_pika.abc.AbstractConnection | None = None
 
     async def __aenter__(self) -> DeadLetterQueue:
-        self._connection = await connect(self._settings.amqp_url, name=f"dlq {self._settings.dlq}")
+        self._connection, _ = await connect(self._settings.amqp_url, name=f"dlq {self._settings.dlq}")
         return self
 
     async def __aexit__(self, *exc: object) -> None:

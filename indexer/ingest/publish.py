@@ -26,7 +26,7 @@ async def publish(
     Used by the producer commands; the exchange must exist (we never declare it from a producer so a
     typo cannot create a stray exchange that routes nowhere).
     """
-    connection = await connect(url, timeout_s=timeout_s)
+    connection, _ = await connect(url, timeout_s=timeout_s)
     async with connection:
         try:
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)

@@ -29,6 +29,7 @@ from indexer.ingest.topology import (
     ERROR_HEADER,
     connect,
     declare_topology,
+    node_failed,
 )
 
 log = logging.getLogger(__name__)
@@ -58,6 +59,7 @@ class Session:
     def __init__(self, settings: Settings) -> None:
         self._settings = settings
         self._connection: aio_pika.abc.AbstractConnection | None = None
+        self._node: str | None = None  # the URL of the node this session is connected to
         self._inbox: deque[Delivery] = deque()
         self._arrived = asyncio.Event()
         self._lost = asyncio.Event()
@@ -69,7 +71,7 @@ class Session:
 
     async def open(self) -> None:
         settings = self._settings
-        self._connection = await connect(settings.amqp_url, name=f"consumer of {settings.queue}")
+        self._connection, self._node = await connect(settings.amqp_url, name=f"consumer of {settings.queue}")
         self._connection.close_callbacks.add(self._on_close)
         try:
             channel = await self._connection.channel(publisher_confirms=False)
@@ -96,6 +98,8 @@ class Session:
     def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
         if not self._lost.is_set():
             log.warning("rabbitmq session closed: %s", exc or "closed")
+            if exc is not None and self._node is not None:  # not our own close: try another node next
+                node_failed(self._settings.amqp_url, self._node)
         self._lost.set()
 
     def _on_consumer_cancelled(self, _frame: Any) -> None:
@@ -249,6 +253,7 @@ class Session:
         self._lost.set()
         if connection is not None and not connection.is_closed:
             try:
-                await asyncio.wait_for(connection.close(), 3)
+                # Bounded by the service's stop budget, which cancels this wait when it is spent.
+                await asyncio.wait_for(connection.close(), 9)
             except CONNECTION_ERRORS:
                 pass

@@ -36,16 +36,50 @@ def queue_arguments(settings: Settings) -> dict[str, Any]:
     return arguments
 
 
-async def connect(url: str, *, timeout_s: float = 10.0, name: str = "") -> aio_pika.abc.AbstractConnection:
-    """A connection named ``mention-indexer <name> <pid>`` in the broker's connection list, so an
-    operator (or ``rabbitmqctl close_connection``) can tell which process holds what."""
+def nodes(url: str) -> list[str]:
+    """The broker URLs of ``AMQP_URL``: one, or the nodes of a cluster separated by commas."""
+    return [node.strip() for node in url.split(",") if node.strip()]
+
+
+# The node each list of nodes last lost or could not reach, so that the next connection starts
+# with the one after it (process-wide: sessions, producers and the DLQ commands share it).
+_last_failed: dict[str, str] = {}
+
+
+def node_failed(url: str, node: str) -> None:
+    """``node`` (of the nodes of ``url``) failed or was lost: the next connect begins after it."""
+    _last_failed[url] = node
+
+
+def _in_turn(url: str) -> list[str]:
+    candidates = nodes(url)
+    failed = _last_failed.get(url)
+    if failed in candidates:
+        start = (candidates.index(failed) + 1) % len(candidates)
+        candidates = candidates[start:] + candidates[:start]
+    return candidates
+
+
+async def connect(url: str, *, timeout_s: float = 10.0, name: str = "") -> tuple[aio_pika.abc.AbstractConnection, str]:
+    """A connection to the first node of ``url`` that answers, trying them in turn from the one
+    after the node that failed last; (connection, the node's URL).  It is named
+    ``mention-indexer <name> <pid>`` in the broker's connection list, so an operator (or
+    ``rabbitmqctl close_connection``) can tell which process holds what."""
     client_properties: dict[str, Any] = {
         "connection_name": " ".join(filter(None, ("mention-indexer", name, str(os.getpid()))))
     }
-    try:
-        return await aio_pika.connect(url, timeout=timeout_s, client_properties=client_properties)
-    except CONNECTION_ERRORS as exc:
-        raise Unavailable("rabbitmq", url, type(exc).__name__ + (f": {exc}" if str(exc) else "")) from None
+    failures = []
+    for node in _in_turn(url):
+        try:
+            connection = await aio_pika.connect(node, timeout=timeout_s, client_properties=client_properties)
+        except CONNECTION_ERRORS as exc:
+            node_failed(url, node)
+            failures.append(f"{mask_url(node)}: {type(exc).__name__}" + (f": {exc}" if str(exc) else ""))
+            continue
+        return connection, node
+    if len(failures) == 1:
+        raise Unavailable("rabbitmq", url, failures[0].partition(": ")[2])
+    raise Unavailable("rabbitmq", url, "no node answers (" + "; ".join(failures) + ")")
 
 
 async def declare_topology(channel: aio_pika.abc.AbstractChannel, settings: Settings) -> aio_pika.abc.AbstractQueue:
