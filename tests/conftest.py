@@ -20,12 +20,15 @@ from tests.support.services import ServiceUrls, resolve
 
 pytest_plugins = ["tests.support.cache_fixtures", "tests.support.store", "tests.support.backfill"]
 UNIT = Path(__file__).resolve().parent / "unit"
+CLUSTERS = Path(__file__).resolve().parent / "clusters"
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     for item in items:
         if UNIT not in item.path.resolve().parents:
             item.add_marker(pytest.mark.services)
+        if CLUSTERS in item.path.resolve().parents:
+            item.add_marker(pytest.mark.cluster)
 
 
 @pytest.fixture(scope="session")
