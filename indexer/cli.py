@@ -1,7 +1,7 @@
 """The ``mention-indexer`` command line.  Nothing imports this module.
 
 Exit status: 0 success; 2 bad usage or configuration; 1 a failure at run time, with a
-message naming the service and its URL (password masked).
+message naming the service and its URL (password masked); 3 (``audit``) a difference found.
 """
 
 from __future__ import annotations
@@ -84,6 +84,12 @@ def _cmd_backfill(settings: Settings, args: argparse.Namespace) -> int:
     return backfill_main(settings, args)
 
 
+def _cmd_audit(settings: Settings, args: argparse.Namespace) -> int:
+    from indexer.ops.audit import main as audit_main
+
+    return audit_main(settings, args)
+
+
 def _cmd_dlq(settings: Settings, args: argparse.Namespace) -> int:
     from indexer.ops import dead_letters as dlq
 
@@ -147,6 +153,29 @@ def build_parser() -> argparse.ArgumentParser:
         "--resume", action="store_true", help="continue an interrupted run from its last committed chunk"
     )
     backfill.add_argument("--dry-run", action="store_true", help="report what would change, change nothing")
+
+    audit = command(
+        "audit",
+        _cmd_audit,
+        "compare the read model with the source and the caches with the read model; --repair what differs"
+        " (exit 3 when something differs)",
+    )
+    audit.add_argument(
+        "--source-query",
+        metavar="SQL",
+        help="query returning mention_id, organization_id, mention_date [, transaction_timestamp, deleted]"
+        " (default: $INDEXER_AUDIT_SOURCE_QUERY, else public.mentions)",
+    )
+    audit.add_argument(
+        "--org", type=_org_id, action="append", default=[], metavar="ID", help="limit to this organization (repeatable)"
+    )
+    audit.add_argument("--json", action="store_true", help="print one JSON object instead of the summary")
+    audit.add_argument(
+        "--repair",
+        action="store_true",
+        help="bring every difference back through the version guard, drop stale cache entries, invalidate, audit again",
+    )
+    audit.add_argument("--dry-run", action="store_true", help="with --repair: say what it would do, change nothing")
 
     refresh = command(
         "refresh-cache", _cmd_refresh_cache, "publish a TriggerCacheRefresh (all organizations without --org)"

@@ -80,7 +80,7 @@ class Settings(BaseSettings):
         "postgresql://postgres@127.0.0.1:5432/postgres", "DATABASE_URL", "Postgres holding the read model"
     )
     source_database_url: str | None = _setting(
-        None, "SOURCE_DATABASE_URL", "the mentions database the backfill reads (default: DATABASE_URL)"
+        None, "SOURCE_DATABASE_URL", "the mentions database the backfill and the audit read (default: DATABASE_URL)"
     )
     redis_url: str = _setting("redis://127.0.0.1:6379/0", "REDIS_URL", "Redis holding the per-organization caches")
     amqp_url: str = _setting(
@@ -115,7 +115,11 @@ class Settings(BaseSettings):
         le=10_000,
     )
     batch_wait_ms: int = _setting(
-        50, "INDEXER_BATCH_WAIT_MS", "how long a batch waits for more messages after its first", ge=0, le=60_000
+        0,
+        "INDEXER_BATCH_WAIT_MS",
+        "how long a batch waits for more messages after its first; 0: none, it takes what has arrived",
+        ge=0,
+        le=60_000,
     )
     prefetch: int = _setting(
         1000, "INDEXER_PREFETCH", "unacknowledged deliveries the broker may send ahead (bounds memory)", ge=1, le=65_535
@@ -142,6 +146,25 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "text", "json"] = _setting(
         "auto", "INDEXER_LOG_FORMAT", "log lines as text or JSON; auto: JSON unless stderr is a terminal"
     )
+    redis_cluster: Literal["auto", "on", "off"] = _setting(
+        "auto",
+        "INDEXER_REDIS_CLUSTER",
+        "whether REDIS_URL names a node of a Redis Cluster (any node, primary or replica); auto: ask it",
+    )
+    redis_min_replicas: int = _setting(
+        0,
+        "INDEXER_REDIS_MIN_REPLICAS",
+        "replicas that must have an invalidation (WAIT) before the batch is acknowledged; 0: none",
+        ge=0,
+        le=16,
+    )
+    outbox_age_s: float = _setting(
+        30.0,
+        "INDEXER_OUTBOX_AGE_S",
+        "invalidations owed for this long are finished by any indexer (one died between commit and invalidation)",
+        gt=0,
+        le=3600,
+    )
     log_summary_s: int = _setting(
         60,
         "INDEXER_LOG_SUMMARY_S",
@@ -150,6 +173,26 @@ class Settings(BaseSettings):
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = _setting(
         "INFO", "INDEXER_LOG_LEVEL", "least severe level logged"
+    )
+    # The continuous audit inside `run` (docs/audit.md): off unless an interval is set.
+    audit_interval_s: int = _setting(
+        0,
+        "INDEXER_AUDIT_INTERVAL_S",
+        "seconds between two samples of the continuous audit inside run (whole seconds); 0 = off",
+        ge=0,
+        le=86_400,
+    )
+    audit_source_query: str | None = _setting(
+        None,
+        "INDEXER_AUDIT_SOURCE_QUERY",
+        "the source query the audit compares with (default: the backfill's, public.mentions)",
+    )
+    audit_sample: int = _setting(
+        1000,
+        "INDEXER_AUDIT_SAMPLE",
+        "mentions, and cache entries, the continuous audit checks per interval (bounds its load)",
+        ge=1,
+        le=100_000,
     )
 
     @field_validator("database_url", "source_database_url")
@@ -195,6 +238,13 @@ class Settings(BaseSettings):
     def _prefix(cls, value: str) -> str:
         if not value or _PREFIX_FORBIDDEN & set(value):
             raise ValueError("must be non-empty and contain none of { } * ? [ ] \\ or white space")
+        return value
+
+    @field_validator("audit_source_query")
+    @classmethod
+    def _audit_query(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip().rstrip(";").strip():
+            raise ValueError("must be a query; unset it for the default source, public.mentions")
         return value
 
     @field_validator("bindings")

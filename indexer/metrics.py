@@ -13,6 +13,8 @@ from collections.abc import Callable
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 PREFIX = "mention_indexer_"
+# The continuous audit (docs/audit.md): the pairs it compares and the kinds of difference of each.
+AUDIT_KINDS = {"read_model": ("missing", "extra", "changed"), "cache": ("stale",)}
 DEPENDENCIES = ("postgres", "redis", "rabbitmq")
 OUTCOMES = ("applied", "duplicate", "stale", "ignored", "dead_lettered", "refresh", "held")
 _SECONDS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -44,6 +46,7 @@ class Metrics:
         self.since_last_delivery = gauge("seconds_since_last_delivery", "Seconds since the last delivery arrived")
         self.consumer_registered = gauge("consumer_registered", "1 while a consumer is registered on the queue")
         self.ready = gauge("ready", "1 while /readyz answers 200")
+        self._audit: AuditMetrics | None = None
         self._last_delivery_s: float | None = None
         self.since_last_delivery.set_function(self._seconds_since_last_delivery)
         for outcome in OUTCOMES:  # every series exists from the start, so rate() and alerts see 0
@@ -51,6 +54,13 @@ class Metrics:
         for dependency in DEPENDENCIES:
             self.retries.labels(dependency)
             self.dependency_up.labels(dependency).set(0)
+
+    def audit(self) -> AuditMetrics:
+        """The continuous audit's metrics, registered on first use: exported only by an indexer
+        that runs the audit (``INDEXER_AUDIT_INTERVAL_S``), so none stands at a misleading 0."""
+        if self._audit is None:
+            self._audit = AuditMetrics(self)
+        return self._audit
 
     def _counter(self, name: str, text: str, *labels: str) -> Counter:
         return Counter(f"{PREFIX}{name}", text, labels, registry=self.registry)
@@ -66,3 +76,37 @@ class Metrics:
 
     def _seconds_since_last_delivery(self) -> float:
         return 0.0 if self._last_delivery_s is None else max(0.0, self._clock() - self._last_delivery_s)
+
+
+class AuditMetrics:
+    """``mention_indexer_audit_*``: what each sample of the continuous audit checked and found.
+
+    ``checked_total{pair}`` and ``differences_total{pair,kind}`` count over time (alert on any
+    increase of the latter); ``consistency_ratio{pair}`` is the share of the last sample that
+    agreed (1 when all did).  Changes still in flight are counted apart, never as differences."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        counter, gauge = metrics._counter, metrics._gauge
+        self.checked = counter(
+            "audit_checked", "Mentions and cache entries the continuous audit compared, by pair", "pair"
+        )
+        self.differences = counter(
+            "audit_differences", "Differences the continuous audit found, by pair and kind", "pair", "kind"
+        )
+        self.consistency = gauge(
+            "audit_consistency_ratio", "Share of the last audit sample that agreed, by pair (1: all)", "pair"
+        )
+        self.in_flight = counter("audit_in_flight", "Source changes the audit found not applied yet (not differences)")
+        self.failures = counter("audit_failures", "Audit samples that failed (logged; tried again next interval)")
+        for pair, kinds in AUDIT_KINDS.items():
+            self.checked.labels(pair)
+            for kind in kinds:
+                self.differences.labels(pair, kind)
+
+    def sampled(self, pair: str, checked: int, differences: dict[str, int]) -> None:
+        """Record one sample of ``pair``: ``checked`` compared, ``differences`` by kind."""
+        self.checked.labels(pair).inc(checked)
+        for kind, count in differences.items():
+            self.differences.labels(pair, kind).inc(count)
+        if checked:
+            self.consistency.labels(pair).set(max(0.0, 1.0 - sum(differences.values()) / checked))

@@ -67,10 +67,13 @@ class ApplyResultLike(Protocol):
     def stale(self) -> int: ...
     @property
     def applied_at(self) -> tuple[datetime, ...]: ...
+    @property
+    def outbox_ids(self) -> tuple[int, ...]: ...
 
 
 class StorePort(Protocol):
     async def apply(self, changes: Sequence[Change]) -> ApplyResultLike: ...
+    async def settled(self, outbox_ids: Sequence[int]) -> None: ...
 
 
 class CachePort(Protocol):
@@ -94,6 +97,8 @@ class BatchOutcome(Generic[D]):
     applied_at: list[datetime] = field(default_factory=list)
     dead_letter_reasons: collections.Counter[str] = field(default_factory=collections.Counter)
     trace_contexts: list[dict[str, str]] = field(default_factory=list)
+    outbox_ids: list[int] = field(default_factory=list)
+    """The store's record of the invalidations this batch owes (settled once they are done)."""
     """The producers' trace contexts of the batch's changes (``VtEvent.trace``)."""
     ignored: int = 0
     dead_lettered: int = 0
@@ -109,6 +114,7 @@ class BatchOutcome(Generic[D]):
         self.duplicate += result.duplicate
         self.stale += result.stale
         self.applied_at.extend(result.applied_at)
+        self.outbox_ids.extend(result.outbox_ids)
         self.organizations |= result.organizations
 
 
@@ -141,6 +147,7 @@ class Pipeline(Generic[D]):
             else:
                 outcome.organizations.add(refresh.organization_id)
         await self._invalidate(outcome)
+        await self._store.settled(outcome.outbox_ids)
         return outcome
 
     async def _decode(self, batch: Sequence[D], outcome: BatchOutcome[D]) -> _Decoded[D]:

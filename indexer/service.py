@@ -13,8 +13,10 @@ import signal
 import time
 from collections.abc import Awaitable
 from dataclasses import dataclass
+from datetime import datetime
 
 from indexer import tracing
+from indexer.audit import ContinuousAudit
 from indexer.cache import CacheInvalidator
 from indexer.config import Settings
 from indexer.errors import Transient
@@ -48,6 +50,9 @@ class Service:
         self._busy = False  # a batch is between its first delivery and its ack
         self.acknowledged = 0  # deliveries acknowledged since the start, dead letters included
         self._last_applied_s = 0.0
+        self._watermark: datetime | None = None  # the newest version applied: the live path's watermark
+        self.audit_samples = 0  # continuous-audit samples completed since the start
+        self._audits = asyncio.Condition()
         self._window = _Window()
         self.metrics.in_hand.set_function(self._in_hand)
         self._acks = asyncio.Condition()
@@ -111,13 +116,17 @@ class Service:
         cache = CacheInvalidator.from_settings(settings)
         probe = asyncio.create_task(self._probe(cache), name="indexer-probe")
         summary = asyncio.create_task(self._summarize(), name="indexer-summary") if settings.log_summary_s else None
+        audit = asyncio.create_task(self._audit(), name="indexer-audit") if settings.audit_interval_s else None
         supervised_store, supervised_cache = SupervisedStore(store, supervisor), SupervisedCache(cache, supervisor)
+        sweep: asyncio.Task[None] | None = None
         try:
             await supervisor.call("redis", cache.start)
+            # What an indexer that died between a commit and its invalidation left owing, now.
+            sweep = asyncio.create_task(self._sweep_outbox(cache), name="indexer-outbox")
             while not self._stop.is_set():
                 await self._one_session(supervised_store, supervised_cache)
         finally:
-            background = [task for task in (probe, summary) if task is not None]
+            background = [task for task in (probe, summary, sweep, audit) if task is not None]
             for task in background:
                 task.cancel()
             await asyncio.gather(*background, return_exceptions=True)
@@ -197,6 +206,10 @@ class Service:
             metrics.messages.labels(name).inc(count)
         for kind, count in outcome.dead_letter_reasons.items():
             metrics.dead_letters.labels(kind).inc(count)
+        if outcome.applied_at:
+            newest = max(outcome.applied_at)
+            if self._watermark is None or newest > self._watermark:
+                self._watermark = newest
         versions_s = [at.timestamp() for at in outcome.applied_at]
         for version_s in versions_s:
             metrics.lag.observe(acked_s - version_s)
@@ -242,9 +255,53 @@ class Service:
                 },
             )
 
+    async def _audit(self) -> None:
+        """Every ``audit_interval_s``, the continuous audit's sample (docs/audit.md): read-only, on
+        connections of its own, beside the live path and never in its way.  A failure only logs;
+        the next interval tries again."""
+        interval_s = self.settings.audit_interval_s
+        auditor = ContinuousAudit(self.settings, self.metrics.audit(), lambda: self._watermark)
+        try:
+            while True:
+                await asyncio.sleep(interval_s)
+                try:
+                    await auditor.sample()
+                except asyncio.CancelledError:
+                    raise
+                except Exception as exc:  # whatever it is, the audit must live on and say so
+                    log.warning("audit sample failed: %s; trying again in %d s", exc, interval_s)
+                    log.debug("audit sample failed", exc_info=True)
+                async with self._audits:
+                    self.audit_samples += 1
+                    self._audits.notify_all()
+        finally:
+            await auditor.aclose()
+
+    async def wait_audited(self, samples: int) -> None:
+        """Return once at least ``samples`` continuous-audit samples have ended (failed ones too)."""
+        async with self._audits:
+            await self._audits.wait_for(lambda: self.audit_samples >= samples)
+
     def _in_hand(self) -> float:
         session = self._session
         return float(session.unacknowledged) if session is not None else 0.0
+
+    async def _sweep_outbox(self, cache: CacheInvalidator) -> None:
+        """Finish the invalidations that batches of any indexer committed and did not settle:
+        everything at the start, then, every ``outbox_age_s / 3``, what is older than
+        ``outbox_age_s`` (younger rows belong to batches still in hand).  Failures wait for the
+        next round."""
+        older_than_s = 0.0
+        async with Store(self.settings.database_url, self.settings.schema_name) as store:
+            while True:
+                try:
+                    finished = await store.settle_owed(older_than_s, cache.invalidate)
+                    if finished:
+                        log.info("finished %d invalidation(s) left owing by earlier batches", finished)
+                except Transient as exc:
+                    log.warning("invalidation outbox sweep failed, trying again later: %s", exc)
+                older_than_s = self.settings.outbox_age_s
+                await asyncio.sleep(older_than_s / 3)
 
     async def _probe(self, cache: CacheInvalidator) -> None:
         """Keep /readyz honest while idle: a service may go away between batches."""

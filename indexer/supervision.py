@@ -8,6 +8,7 @@ runner that knows nothing of the service.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from typing import Generic, TypeVar
@@ -16,12 +17,14 @@ from prometheus_client import Histogram
 
 from indexer import tracing
 from indexer.changes import Change
+from indexer.errors import Transient
 from indexer.health import Health
 from indexer.metrics import Metrics
 from indexer.pipeline import ApplyResultLike, CachePort, D, DeadLetterPort, StorePort
 from indexer.retry import retry_transient
 
 T = TypeVar("T")
+log = logging.getLogger(__name__)
 
 
 class Supervisor:
@@ -69,6 +72,14 @@ class SupervisedStore:
             return await self._supervisor.call(
                 "postgres", lambda: self._store.apply(changes), timing=self._supervisor.metrics.apply_duration
             )
+
+    async def settled(self, outbox_ids: Sequence[int]) -> None:
+        # Not retried, and never holding up the ack: a row left behind costs one more
+        # invalidation by the outbox sweep, not a missed one.
+        try:
+            await self._store.settled(outbox_ids)
+        except Transient as exc:
+            log.warning("invalidation outbox not cleared (the sweep will finish it): %s", exc)
 
 
 class SupervisedCache:

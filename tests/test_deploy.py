@@ -747,6 +747,29 @@ def _anchors(markdown: str) -> set[str]:
     return anchors
 
 
+AUDIT_METRICS = {
+    "mention_indexer_audit_checked_total": "counter",
+    "mention_indexer_audit_differences_total": "counter",
+    "mention_indexer_audit_consistency_ratio": "gauge",
+    "mention_indexer_audit_in_flight_total": "counter",
+    "mention_indexer_audit_failures_total": "counter",
+}
+
+
+def test_the_continuous_audit_adds_exactly_its_metrics_and_the_guide_describes_them() -> None:
+    from indexer import metrics as metrics_module
+
+    metrics = metrics_module.Metrics()
+    metrics.audit()
+    exported = {
+        f"{family.name}_total" if family.type == "counter" else family.name: family.type
+        for family in metrics.registry.collect()
+    }
+    assert {name: kind for name, kind in exported.items() if name not in METRICS} == AUDIT_METRICS
+    text = PRODUCTION_DOC.read_text(encoding="utf-8")
+    assert not [name for name in AUDIT_METRICS if f"`{name}`" not in text]
+
+
 def test_the_production_guide_covers_metrics_alerts_and_readiness_problems() -> None:
     text = PRODUCTION_DOC.read_text(encoding="utf-8")
     missing = [name for name in METRICS if f"`{name}" not in text]

@@ -41,13 +41,32 @@ in-flight fill holds; a value whose index was evicted is not served.  Only ``inv
 on a key surviving eviction (the registry); run the cache with ``noeviction`` or a ``volatile-*``
 policy for that guarantee.
 
+Each entry records the epoch it was filled under: the helper stores ``keys.ENTRY_MAGIC``, the
+epoch and a NUL in front of the value, and serves an entry only while that epoch is still the
+organization's.  An entry that came back after its invalidation (restored by a failover, a
+``RESTORE`` of an old dump) carries an older epoch: it is never served, and the audit reports it
+stale (``entries``, docs/audit.md).  Keys written directly stay as they were written and are
+served as they are; they record no epoch, so the audit counts them as unverifiable.
+
 Values are bytes: a loader may return ``str`` (stored UTF-8 encoded), and every value comes back
 as ``bytes``.  Clients passed in must use ``decode_responses=False``.
 """
 
+from indexer.cache.entries import CacheInspector, EntryState, OrgEntries
 from indexer.cache.errors import is_transient, reply_code
 from indexer.cache.invalidator import CacheInvalidator
-from indexer.cache.keys import check_key, check_prefix, data_key, epoch_key, index_key, namespace, registry_key
+from indexer.cache.keys import (
+    check_key,
+    check_prefix,
+    data_key,
+    entry_header,
+    epoch_key,
+    index_key,
+    namespace,
+    recorded_epoch,
+    registry_key,
+    stored_value,
+)
 from indexer.cache.reader import AsyncCacheReader, CacheReader
 from indexer.cache.scripts import FILL_LUA, INVALIDATE_LUA, READ_LUA, TRACK_LUA
 from indexer.cache.tracker import KeyTracker, TrackMode
@@ -58,17 +77,23 @@ __all__ = [
     "READ_LUA",
     "TRACK_LUA",
     "AsyncCacheReader",
+    "CacheInspector",
     "CacheInvalidator",
     "CacheReader",
+    "EntryState",
     "KeyTracker",
+    "OrgEntries",
     "TrackMode",
     "check_key",
     "check_prefix",
     "data_key",
+    "entry_header",
     "epoch_key",
     "index_key",
     "is_transient",
     "namespace",
+    "recorded_epoch",
     "registry_key",
     "reply_code",
+    "stored_value",
 ]

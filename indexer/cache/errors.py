@@ -22,7 +22,13 @@ _TRANSIENT = (
     redis.exceptions.OutOfMemoryError,
     redis.exceptions.TryAgainError,
     redis.exceptions.ClusterDownError,
+    # A cluster client that reaches no node, or whose slot map has a hole (a failover under way).
+    # Every command of ours names the keys of one slot, so nothing else raises these.
+    redis.exceptions.RedisClusterException,
 )
+
+# Replies of a Redis Cluster node saying the slot map we routed by is out of date.
+_TOPOLOGY_REPLIES = frozenset({"MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN", "MASTERDOWN", "READONLY"})
 
 # Error replies, by their code (the reply's first word), that pass once the server recovers: a
 # long script or a blocking command (BUSY), a failed RDB save (MISCONF), too few replicas
@@ -59,6 +65,18 @@ def is_transient(exc: BaseException) -> bool:
     return isinstance(exc, redis.exceptions.ResponseError) and reply_code(exc) in TRANSIENT_REPLIES
 
 
+def is_topology_change(exc: BaseException) -> bool:
+    """Whether a failure on a cluster node says that the slot map changed (a failover, a resharding,
+    a primary that became a replica) or that a node went away: read the map again."""
+    if isinstance(exc, redis.exceptions.AskError | redis.exceptions.ClusterError | redis.exceptions.ReadOnlyError):
+        return True
+    if isinstance(exc, redis.exceptions.ConnectionError | redis.exceptions.TimeoutError):
+        return True
+    if isinstance(exc, redis.exceptions.RedisClusterException):
+        return True
+    return isinstance(exc, redis.exceptions.ResponseError) and reply_code(exc) in _TOPOLOGY_REPLIES
+
+
 def as_unavailable(url: str, exc: BaseException) -> Unavailable:
     return Unavailable("redis", url, f"{type(exc).__name__}: {exc}")
 
@@ -68,7 +86,7 @@ def unavailable(url: str) -> Iterator[None]:
     """Transient failures (``is_transient``) as ``Unavailable``; anything else propagates."""
     try:
         yield
-    except redis.exceptions.RedisError as exc:
+    except (redis.exceptions.RedisError, redis.exceptions.RedisClusterException) as exc:
         if is_transient(exc):
             raise as_unavailable(url, exc) from exc
         raise

@@ -7,11 +7,12 @@ key outside ``P:{O}:`` or a glob out of an id.
 from __future__ import annotations
 
 import math
+import re
 import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from indexer.ids import check_organization_id
+from indexer.ids import InvalidId, check_organization_id, parse_id
 
 # Characters that would turn a prefix into a glob or move the {org} hash tag; the settings refuse
 # the same ones for INDEXER_CACHE_PREFIX.
@@ -55,6 +56,76 @@ def epoch_key(prefix: str, org: int) -> str:
 
 def registry_key(prefix: str) -> str:
     return f"{check_prefix(prefix)}:orgs"
+
+
+def glob_escape(text: str) -> str:
+    return re.sub(r"[\\*?\[\]]", lambda m: "\\" + m.group(), text)
+
+
+def data_key_pattern(prefix: str) -> str:
+    """The glob of every key ``P:{…}:…`` (and nothing of another prefix): what the key tracker
+    subscribes to and the one SCAN that adopts or audits keys walks."""
+    return glob_escape(f"{check_prefix(prefix)}:{{") + "*"
+
+
+def parse_data_key(prefix: str, key: bytes) -> tuple[int, bytes] | None:
+    """``(org, key)`` for ``P:{<canonical decimal org>}:<anything>``; None for anything else."""
+    head = f"{check_prefix(prefix)}:{{".encode()
+    if not key.startswith(head):
+        return None
+    digits, tag_end, _ = key[len(head) :].partition(b"}:")
+    if not tag_end:
+        return None
+    try:
+        return parse_id(digits), key
+    except InvalidId:
+        return None
+
+
+# A value filled through the helper is stored as ENTRY_MAGIC, the epoch it was filled under
+# (decimal), a NUL, then the value itself: so a read can tell it from a key written directly (kept
+# as it is, and served as it is) and refuse one filled under another epoch than the current one,
+# e.g. restored by a failover after its invalidation.  Nothing but the helper writes the magic.
+# scripts/fill.lua builds the header itself, from the epoch it checks (tests/test_cache_epochs.py
+# holds the two together).
+ENTRY_MAGIC = b"\x00MI1\x00"
+_SEPARATOR = b"\x00"
+HEADER_MAX_BYTES = len(ENTRY_MAGIC) + 20 + len(_SEPARATOR)  # an epoch is a positive int64
+
+
+def entry_header(epoch: bytes | str) -> bytes:
+    """What a value filled under ``epoch`` is stored behind."""
+    raw = epoch.encode() if isinstance(epoch, str) else bytes(epoch)
+    if not raw.isdigit():
+        raise ValueError(f"an epoch is a decimal number, got {raw!r}")
+    return ENTRY_MAGIC + raw + _SEPARATOR
+
+
+def recorded_epoch(stored: bytes) -> tuple[bytes, bytes] | None:
+    """``(epoch, header)`` of a value filled through the helper (``stored`` may be just its first
+    ``HEADER_MAX_BYTES`` bytes); None for a value written without it."""
+    if not stored.startswith(ENTRY_MAGIC):
+        return None
+    end = stored.find(_SEPARATOR, len(ENTRY_MAGIC))
+    epoch = stored[len(ENTRY_MAGIC) : end]
+    if end < 0 or not epoch.isdigit():
+        return None
+    return epoch, stored[: end + 1]
+
+
+def stored_value(stored: bytes) -> bytes:
+    """The value itself: behind the header of a helper-filled value, or all of a direct one."""
+    found = recorded_epoch(stored)
+    return stored if found is None else stored[len(found[1]) :]
+
+
+def servable(stored: bytes, epoch: bytes) -> bytes | None:
+    """What a read may return of ``stored`` while the organization's epoch is ``epoch``: the
+    value; None for a value filled under another epoch (stale: it outlived an invalidation)."""
+    found = recorded_epoch(stored)
+    if found is None:
+        return stored  # written directly: its freshness is its writer's affair (docs/caches.md)
+    return stored[len(found[1]) :] if found[0] == epoch else None
 
 
 def fresh_epoch() -> str:

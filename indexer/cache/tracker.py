@@ -33,8 +33,10 @@ Redis < 7.  ``on`` raises ``ConfigError`` instead; ``off`` never tracks.  Any ot
 is taken as transient: falling back on it would leave directly written keys uninvalidated until
 the process restarts.
 
-Not covered: Redis Cluster (notifications are per node; these clients are not cluster clients);
-a TTL set or lengthened on a key after it was indexed (only key creation is observed), and a key
+On a Redis Cluster, notifications, CONFIG and SCAN are per node: ``cluster_tracker`` runs one
+``KeyTracker`` per primary, each on a plain client of its node.
+
+Not covered: a TTL set or lengthened on a key after it was indexed (only key creation is observed), and a key
 that existed before and is overwritten (no ``new`` event) while its index expires.
 """
 
@@ -54,10 +56,9 @@ from redis.asyncio.connection import AbstractConnection
 
 from indexer.cache.client import TIMEOUT_S as _TIMEOUT_S
 from indexer.cache.errors import as_unavailable, reply_code
-from indexer.cache.keys import index_key, registry_key
+from indexer.cache.keys import data_key_pattern, index_key, parse_data_key, registry_key
 from indexer.cache.scripts import TRACK_LUA
 from indexer.errors import ConfigError, Unavailable
-from indexer.ids import InvalidId, parse_id
 from indexer.redact import mask_url
 
 if TYPE_CHECKING:
@@ -103,10 +104,6 @@ def _refused_for_good(exc: BaseException) -> bool:
         return True
     text = str(exc).lower()
     return code == "ERR" and ("unknown command" in text or "unknown subcommand" in text)
-
-
-def _glob_escape(text: str) -> str:
-    return re.sub(r"[\\*?\[\]]", lambda m: "\\" + m.group(), text)
 
 
 def _version(text: str) -> tuple[int, ...]:
@@ -172,6 +169,7 @@ class _Subscription:
             pong = self._pongs.popleft()
             if not pong.done():
                 pong.set_exception(_Lost(self.failure))
+                pong.exception()  # retrieved: its PING may have given up on it already
         for task in self._tasks:
             if task is not asyncio.current_task():
                 task.cancel()  # a read cancelled mid-way disconnects the connection
@@ -235,7 +233,19 @@ class KeyTracker:
     subscription gets a connection of its own with the same settings.
     """
 
-    def __init__(self, client: redis.asyncio.Redis, prefix: str, url: str, mode: TrackMode) -> None:
+    def __init__(
+        self,
+        client: redis.asyncio.Redis,
+        prefix: str,
+        url: str,
+        mode: TrackMode,
+        *,
+        register: Callable[[list[int]], Awaitable[None]] | None = None,
+        lost: Callable[[], None] | None = None,
+    ) -> None:
+        """``register`` and ``lost`` are for a node of a Redis Cluster (``cluster_tracker``): the
+        registry lives in a slot of its own, maybe on another node, so it is written through
+        ``register``; ``lost`` is told when the subscription is lost (the slot map may have changed)."""
         if mode not in ("auto", "on", "off"):
             raise ValueError(f"track_direct_keys must be auto, on or off, got {mode!r}")
         self.mode = mode
@@ -247,11 +257,12 @@ class KeyTracker:
         self._script = client.register_script(TRACK_LUA)
         self._db = int(client.connection_pool.connection_kwargs.get("db") or 0)
         self._channel_head = f"__keyspace@{self._db}__:".encode()
-        self._key_head = f"{prefix}:{{".encode()
-        self._pattern = _glob_escape(f"{prefix}:{{") + "*"
+        self._pattern = data_key_pattern(prefix)
         self._disabled = mode == "off"
         self._sub: _Subscription | None = None
         self._starting: asyncio.Task[None] | None = None
+        self._register = register
+        self._lost = lost
 
     @property
     def active(self) -> bool | None:
@@ -334,6 +345,8 @@ class KeyTracker:
         """A subscription failed: start a new one at once, so the next barrier need not."""
         if sub is self._sub and not self._disabled:
             self._start_in_background()
+            if self._lost is not None:
+                self._lost()
 
     async def _restart(self) -> None:
         old, self._sub = self._sub, None
@@ -456,20 +469,16 @@ class KeyTracker:
 
     def _parse(self, key: bytes) -> Tracked | None:
         """``(org, key)`` for ``P:{<canonical decimal org>}:<anything>``; None for anything else."""
-        if not key.startswith(self._key_head):
-            return None
-        digits, tag_end, _ = key[len(self._key_head) :].partition(b"}:")
-        if not tag_end:
-            return None
-        try:
-            return parse_id(digits), key
-        except InvalidId:
-            return None
+        return parse_data_key(self._prefix, key)
 
     async def _track(self, keys: list[Tracked]) -> None:
+        orgs = sorted({org for org, _ in keys})
+        # Registered before indexed, as the readers do, so invalidate_all finds every org.
+        if self._register is not None:
+            await self._register(orgs)
         async with self._client.pipeline(transaction=False) as pipe:
-            # Registered before indexed, as the readers do, so invalidate_all finds every org.
-            pipe.sadd(self._registry, *sorted({org for org, _ in keys}))
+            if self._register is None:
+                pipe.sadd(self._registry, *orgs)
             for org, key in keys:
                 await self._script(keys=[index_key(self._prefix, org), key], client=pipe)
             await pipe.execute()

@@ -128,13 +128,21 @@ class Session:
         return self._lost.is_set()
 
     async def next_batch(self, batch_size: int, batch_wait_ms: int) -> list[Delivery]:
-        """Up to ``batch_size`` deliveries, waiting at most ``batch_wait_ms`` after the first."""
+        """Up to ``batch_size`` deliveries, as soon as the first one is in.
+
+        The batch takes what has arrived, and what the connection has already read (one turn of
+        the event loop); then, with ``batch_wait_ms`` 0, it goes: a batch grows only while more is
+        arriving, so an idle queue costs no wait and a backlog still fills whole batches.  With
+        ``batch_wait_ms`` above 0 it waits up to that long after the first for more."""
         await self._wait_for_delivery(None)
         deadline = time.monotonic() + batch_wait_ms / 1000
         batch: list[Delivery] = []
         while len(batch) < batch_size:
             if self._inbox:
                 batch.append(self._inbox.popleft())
+                continue
+            await asyncio.sleep(0)  # deliveries whose frames are read already land in the inbox
+            if self._inbox:
                 continue
             remaining_s = deadline - time.monotonic()
             if remaining_s <= 0 or not await self._wait_for_delivery(remaining_s):

@@ -3,11 +3,13 @@ for Postgres, shared by the live path, the migrations and the backfill."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict
 
 from indexer.errors import Conflict, Unavailable
 from indexer.redact import scrub
@@ -28,6 +30,24 @@ def connection_options(connect_timeout_s: int, *, idle_in_transaction_timeout_s:
         # A session orphaned mid-transaction (our side reconnected, the server never noticed)
         # would keep its row locks and block the new session for hours: let Postgres end it.
         options["options"] = f"-c idle_in_transaction_session_timeout={idle_in_transaction_timeout_s}s"
+    return options
+
+
+_READ_ONLY = "-c default_transaction_read_only=on"
+
+
+def read_only_options(url: str, connect_timeout_s: int, *flags: str) -> dict[str, Any]:
+    """``connection_options`` for a session that defaults to read-only transactions (the source;
+    the audit's reads), with more ``-c`` ``flags`` after.
+
+    libpq takes one ``options``: given here, it replaces the URL's and ``PGOPTIONS``, so theirs are
+    kept in front (a later ``-c`` wins: ours)."""
+    options = connection_options(connect_timeout_s)
+    given = conninfo_to_dict(url).get("options")
+    if given is None:
+        given = os.environ.get("PGOPTIONS")
+    parts = (str(given or "").strip(), str(options.get("options") or "").strip(), _READ_ONLY, *flags)
+    options["options"] = " ".join(part for part in parts if part)
     return options
 
 

@@ -18,7 +18,8 @@ change that may carry a field the newest one left out.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+import dataclasses
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -30,6 +31,7 @@ from indexer.changes import Change, touched_organizations, version_bytes
 from indexer.errors import Refused, Unavailable
 from indexer.readmodel.connection import connection_options, translate_errors
 from indexer.readmodel.merge import merge_statement
+from indexer.readmodel.outbox import Outbox
 from indexer.readmodel.registers import fold
 
 # Placeholder organization of a tombstone whose Deletes named none (see module docstring).
@@ -68,6 +70,8 @@ class ApplyResult:
     """Of ``skipped``: changes older than the row (or than another change of the batch)."""
     applied_at: tuple[datetime, ...] = field(default=(), compare=False)
     """The ``transaction_timestamp`` of each applied change."""
+    outbox_ids: tuple[int, ...] = field(default=(), compare=False)
+    """The invalidation outbox rows this batch wrote (``settled`` once its caches are invalidated)."""
 
 
 class Store:
@@ -83,6 +87,7 @@ class Store:
         self._upsert = merge_statement(mentions, sql.SQL(_INCOMING), only_changed_fields=False)
         self._stored_organizations = sql.SQL(_STORED_ORGANIZATIONS).format(mentions=mentions)
         self._conn: psycopg.AsyncConnection | None = None
+        self._outbox = Outbox(schema)
 
     async def apply(self, changes: Sequence[Change]) -> ApplyResult:
         """Apply a batch under the version guard and commit.
@@ -118,17 +123,33 @@ class Store:
                 if unwritten:
                     cursor = await conn.execute(self._stored_organizations, (sorted(unwritten),), binary=True)
                     rows += await cursor.fetchall()
+                row_versions: dict[int, bytes] = {}
+                for mention_id, version, organization_id, previous_organization_id in rows:
+                    row_versions[mention_id] = version
+                    organizations.add(organization_id)
+                    if previous_organization_id is not None:
+                        organizations.add(previous_organization_id)
+                organizations.discard(UNKNOWN_ORGANIZATION)
+                # In the same transaction: what the caches are owed survives a death right after the commit.
+                outbox_id = await self._outbox.owe(conn, organizations) if organizations else None
         except (psycopg.DataError, psycopg.IntegrityError) as exc:
             # A value Postgres cannot take (e.g. an id beyond bigint): retrying cannot help.
             raise Refused(f"postgres refused the batch: {exc.sqlstate} {exc.diag.message_primary}") from exc
-        row_versions: dict[int, bytes] = {}
-        for mention_id, version, organization_id, previous_organization_id in rows:
-            row_versions[mention_id] = version
-            organizations.add(organization_id)
-            if previous_organization_id is not None:
-                organizations.add(previous_organization_id)
-        organizations.discard(UNKNOWN_ORGANIZATION)
-        return _classified(changes, newest, row_versions, unwritten, frozenset(organizations))
+        result = _classified(changes, newest, row_versions, unwritten, frozenset(organizations))
+        return dataclasses.replace(result, outbox_ids=() if outbox_id is None else (outbox_id,))
+
+    async def settled(self, outbox_ids: Sequence[int]) -> None:
+        """The caches owed by these outbox rows were invalidated: forget them."""
+        if outbox_ids:
+            async with self._session() as conn:
+                await self._outbox.settle(conn, outbox_ids)
+
+    async def settle_owed(self, older_than_s: float, invalidate: Callable[[list[int]], Awaitable[object]]) -> int:
+        """Invalidate (with ``invalidate``) what batches committed at least ``older_than_s`` ago
+        still owe, and forget it; the number of outbox rows finished.  Rows another indexer is
+        finishing meanwhile are skipped, not waited for."""
+        async with self._session() as conn:
+            return await self._outbox.settle_owed(conn, older_than_s, invalidate)
 
     async def ping(self) -> None:
         """Raise ``Unavailable`` unless Postgres answers a query."""

@@ -133,7 +133,7 @@ def test_the_mention_indexer_command_exists() -> None:
     assert command.exists(), f"no {command}"
     done = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done
-    for name in ("run", "migrate", "backfill", "refresh-cache", "emit", "dlq"):
+    for name in ("run", "migrate", "backfill", "audit", "refresh-cache", "emit", "dlq"):
         assert name in done.stdout, (name, done.stdout)
     done = subprocess.run([str(command)], capture_output=True, text=True, timeout=30)
     assert done.returncode == 2, done

@@ -6,12 +6,14 @@ import pytest
 
 from indexer import cli
 from indexer.config import Settings, load_settings, variable
+from indexer.errors import ConfigError
 
 # Each command with the arguments it requires.
 COMMANDS = {
     "run": ["run"],
     "migrate": ["migrate"],
     "backfill": ["backfill"],
+    "audit": ["audit"],
     "refresh-cache": ["refresh-cache"],
     "emit": ["emit", "inserted", "--mention-id", "1", "--org", "1"],
     "dlq list": ["dlq", "list"],
@@ -51,6 +53,26 @@ def test_flags_are_named_after_their_variables() -> None:
     assert cli.flag_of("database_url") == "--database-url"
     assert cli.flag_of("schema_name") == "--schema"
     assert cli.flag_of("batch_messages") == "--batch-messages"
+
+
+def test_audit_options_and_the_audit_settings() -> None:
+    args = cli.build_parser().parse_args(
+        ["audit", "--json", "--repair", "--dry-run", "--org", "7", "--org", "8", "--source-query", "SELECT 1"]
+    )
+    assert (args.json, args.repair, args.dry_run, args.org, args.source_query) == (True, True, True, [7, 8], "SELECT 1")
+    args = cli.build_parser().parse_args(["audit", "--audit-interval-s", "5", "--audit-sample", "10"])
+    settings = cli._settings_from(args)
+    assert (settings.audit_interval_s, settings.audit_sample, settings.audit_source_query) == (5, 10, None)
+    assert (DEFAULTS.audit_interval_s, DEFAULTS.audit_sample) == (0, 1000)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("audit_interval_s", "1.5"), ("audit_interval_s", "-1"), ("audit_sample", "0"), ("audit_source_query", " ; ")],
+)
+def test_bad_audit_settings_are_refused(name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=variable(name)):
+        load_settings(**{name: value})
 
 
 def test_backfill_batch_size_is_its_own_option_not_the_live_batch() -> None:

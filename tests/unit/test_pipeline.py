@@ -33,6 +33,7 @@ class Result:
     duplicate: int = 0
     stale: int = 0
     applied_at: tuple[datetime, ...] = ()
+    outbox_ids: tuple[int, ...] = ()
 
 
 @dataclass
@@ -50,6 +51,10 @@ class Store:
             raise Refused("value out of range")
         self.log.steps.append(("commit", ids))
         return Result(len(ids), 0, frozenset(c.organization_id for c in changes if c.organization_id))
+
+    async def settled(self, outbox_ids: Sequence[int]) -> None:
+        if outbox_ids:
+            self.log.steps.append(("settle", list(outbox_ids)))
 
 
 class Cache:

@@ -1,7 +1,8 @@
 -- Read one cached value and the organization's epoch in one atomic step.
 -- KEYS[1] epoch   KEYS[2] index   KEYS[3] data key
 -- ARGV[1] a fresh random epoch, used only if the epoch key is missing
--- Returns {epoch, value or nil}.
+-- Returns {epoch, stored value or nil}.  The caller serves a stored value only if it was filled
+-- under this epoch, or written without the helper (keys.servable).
 --
 -- The epoch is created here (random, not 0) so that a fill always compares against a value that
 -- exists: if the key is later evicted and created again it gets a new random value, never the one

@@ -1,4 +1,5 @@
-"""What a Postgres error during a backfill means for the operator, by the side it came from."""
+"""What a Postgres error during a backfill means for the operator, on the read model's side (the
+source's: ``indexer.readmodel.source.source_errors``)."""
 
 from __future__ import annotations
 
@@ -10,34 +11,8 @@ from psycopg import errors as pg
 
 from indexer.errors import ConfigError, IndexerError
 from indexer.readmodel.connection import translate_errors
+from indexer.readmodel.source import pg_message
 from indexer.redact import mask_url
-
-ONLY_READS = "the source query must be a single SELECT that only reads"
-
-
-@contextmanager
-def source_errors(url: str) -> Iterator[None]:
-    """``Unavailable``/``Conflict`` as everywhere; a query Postgres rejects, or a value it cannot
-    cast, is the operator's to fix (``ConfigError``, exit 2)."""
-    try:
-        with translate_errors(url):
-            yield
-    except pg.SyntaxError as exc:
-        # The source's statements are prepared (the extended protocol), which takes one statement only.
-        if "multiple commands" in _message(exc):
-            raise ConfigError(f"{ONLY_READS}; it contains several statements (separated by ';')") from None
-        raise ConfigError(f"the source query fails at {mask_url(url)}: {_message(exc)}") from None
-    except pg.ReadOnlySqlTransaction as exc:  # the source is read in read-only transactions
-        raise ConfigError(f"{ONLY_READS}: {_message(exc)}") from None
-    except pg.FeatureNotSupported as exc:
-        # The query becomes a subquery: a data-modifying WITH (DELETE ... RETURNING) is refused there.
-        if "data-modifying" in _message(exc):
-            raise ConfigError(f"{ONLY_READS}; it contains INSERT, UPDATE, DELETE or MERGE: {_message(exc)}") from None
-        raise ConfigError(f"the source query fails at {mask_url(url)}: {_message(exc)}") from None
-    except psycopg.ProgrammingError as exc:  # SQLSTATE class 42: syntax, names, types, privileges
-        raise ConfigError(f"the source query fails at {mask_url(url)}: {_message(exc)}") from None
-    except (psycopg.DataError, psycopg.IntegrityError) as exc:
-        raise ConfigError(f"the source query returned a value that cannot be used: {_message(exc)}") from None
 
 
 @contextmanager
@@ -61,11 +36,9 @@ def target_errors(url: str, schema: str) -> Iterator[None]:
     except pg.NotNullViolation:
         raise ConfigError("the source query returned a row whose mention_id is NULL") from None
     except psycopg.DataError as exc:
-        raise ConfigError(f"the source query returned a value the read model cannot take: {_message(exc)}") from None
+        raise ConfigError(f"the source query returned a value the read model cannot take: {pg_message(exc)}") from None
     except psycopg.Error as exc:
         # Not the source's fault: kept apart from source_errors, which may enclose this.
-        raise IndexerError(f"postgres at {mask_url(url)} refused the backfill: {exc.sqlstate} {_message(exc)}") from exc
-
-
-def _message(exc: psycopg.Error) -> str:
-    return exc.diag.message_primary or str(exc).strip() or type(exc).__name__
+        raise IndexerError(
+            f"postgres at {mask_url(url)} refused the backfill: {exc.sqlstate} {pg_message(exc)}"
+        ) from exc

@@ -1,45 +1,31 @@
 """One backfill run: checks, then chunk after chunk, each committed with its checkpoint and then
 invalidated (see the package docstring for the rules).
 
-The source is only ever read, whatever the query (``--source-query`` is the operator's SQL):
-
-* its session defaults to read-only transactions (``default_transaction_read_only``, added to any
-  ``options`` the URL or ``PGOPTIONS`` sets), and every statement that contains the query runs in
-  an explicit ``READ ONLY`` transaction, which nothing inside it can turn read-write;
-* every statement that contains the query is first sent as a prepared statement (psycopg's
-  ``prepare=True``: the extended protocol, whose Parse takes exactly one statement), so a query
-  that closes our wrapping to stack statements of its own is refused before anything runs;
-* a COPY cannot be prepared (psycopg sends it over the simple protocol, which runs every
-  statement of its text), so each COPY text is the prepared, checked statement wrapped in
-  ``COPY (…) TO STDOUT``.  Postgres parses a whole text before running any of it, so that COPY
-  is one statement as long as its text is read as it was when checked: after every statement
-  that runs the query, the settings that change how SQL text is read
-  (``standard_conforming_strings``, ``client_encoding``) must be as they were, or the run stops
-  with exit 2 before the next statement is sent.
+The source is only ever read, whatever the query (``--source-query`` is the operator's SQL): it is
+read through ``indexer.readmodel.source.SourceSession``, whose module doc says how.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import sys
-from collections.abc import AsyncGenerator, Iterable
+from collections.abc import Iterable
 from contextlib import aclosing
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol, TextIO
+from typing import Protocol, TextIO
 
 import psycopg
 from psycopg import sql
-from psycopg.conninfo import conninfo_to_dict
 
-from indexer.errors import ConfigError, Conflict
-from indexer.ops.backfill.errors import ONLY_READS, source_errors, target_errors
-from indexer.ops.backfill.source import Source, describe_query, normalized
+from indexer.errors import Conflict
+from indexer.ops.backfill.errors import target_errors
 from indexer.ops.backfill.target import COPY_INTO_STAGING, Counts, Target
 from indexer.ops.progress import Progress
 from indexer.readmodel.connection import connection_options
 from indexer.readmodel.migrate import migrate_async
+from indexer.readmodel.source import Source, SourceSession, normalized, source_errors
+from indexer.readmodel.source import source_connection_options as source_connection_options  # re-exported
 from indexer.retry import retry_transient
 
 log = logging.getLogger(__name__)
@@ -95,48 +81,21 @@ async def backfill(options: Options, cache: Invalidator, *, progress_stream: Tex
         await migrate_async(options.target_url, options.schema)
         # Starts the cache's key tracker (its one SCAN) now, not inside the first invalidation.
         await retry_transient(cache.start, what="redis", initial_s=options.retry_initial_s, max_s=options.retry_max_s)
-    with source_errors(options.source_url):
-        source_conn = await _connect_source(options.source_url)
+    source = await SourceSession.connect(options.source_url)
     try:
         with target_errors(options.target_url, options.schema):
             target_conn = await _connect(options.target_url)
         try:
-            run = _Run(options, query, source_conn, target_conn, cache)
+            run = _Run(options, query, source, target_conn, cache)
             return await run.all(progress_stream)
         finally:
             await target_conn.close()
     finally:
-        await source_conn.close()
+        await source.close()
 
 
 async def _connect(url: str) -> psycopg.AsyncConnection:
     return await psycopg.AsyncConnection.connect(url, autocommit=True, **connection_options(_CONNECT_TIMEOUT_S))
-
-
-# What decides how Postgres reads the text of a statement: a query that changes them could make
-# the next statement's text read as several statements.
-_LEXING = "SELECT current_setting('standard_conforming_strings'), current_setting('client_encoding')"
-
-
-_READ_ONLY = "-c default_transaction_read_only=on"
-
-
-def source_connection_options(url: str) -> dict[str, Any]:
-    """``connection_options`` for the source, whose session defaults to read-only transactions.
-
-    libpq takes one ``options``: given here, it replaces the URL's and ``PGOPTIONS``, so theirs are
-    kept in front (a later ``-c`` wins: ours)."""
-    options = connection_options(_CONNECT_TIMEOUT_S)
-    given = conninfo_to_dict(url).get("options")
-    if given is None:
-        given = os.environ.get("PGOPTIONS")
-    parts = (str(given or "").strip(), str(options.get("options") or "").strip(), _READ_ONLY)
-    options["options"] = " ".join(part for part in parts if part)
-    return options
-
-
-async def _connect_source(url: str) -> psycopg.AsyncConnection:
-    return await psycopg.AsyncConnection.connect(url, autocommit=True, **source_connection_options(url))
 
 
 class _Run:
@@ -144,37 +103,22 @@ class _Run:
         self,
         options: Options,
         query: str,
-        source_conn: psycopg.AsyncConnection,
+        source: SourceSession,
         target_conn: psycopg.AsyncConnection,
         cache: Invalidator,
     ) -> None:
         self._options = options
         self._query = query
-        self._src = source_conn
+        self._session = source
+        self._src = source.conn
         self._tgt = target_conn
         self._cache = cache
         self._source: Source
         self._target: Target
-        self._lexing: tuple[Any, ...] | None = None
 
     async def all(self, progress_stream: TextIO) -> Report:
         options = self._options
-        with source_errors(options.source_url):
-            # A timestamp without time zone in the source is read as UTC, whatever the server's
-            # default; each chunk is one snapshot (REPEATABLE READ), read-only.
-            await self._src.execute("SET TIME ZONE 'UTC'")
-            await self._src.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
-            await self._src.set_read_only(True)  # every transaction() below: BEGIN ... READ ONLY
-            self._lexing = await (await self._src.execute(_LEXING)).fetchone()
-            async with self._src.transaction():
-                # Column names first, before anything is streamed or written.  (One statement,
-                # or its preparation refuses it: see the module doc.)
-                cursor = await self._checked(describe_query(self._query))
-                columns = [column.name for column in cursor.description or ()]
-                self._source = Source.checked(self._query, options.organizations, columns)
-                # Planning a chunk checks that every column casts to the read model's type, and
-                # that the text every COPY wraps is one statement.
-                await self._checked(self._source.chunk(None, 0))
+        self._source = await self._session.open(self._query, options.organizations)
         self._target = Target(self._tgt, options.schema, self._source.organizations)
         name, description = self._source.checkpoint_name(options.source_url)
 
@@ -199,7 +143,7 @@ class _Run:
 
         with source_errors(options.source_url):
             async with self._src.transaction():
-                cursor = await self._checked(self._source.count(after))
+                cursor = await self._session.checked(self._source.count(after))
                 row = await cursor.fetchone()
         progress = Progress("backfill", row[0] if row else None, progress_stream)
         total = Counts()
@@ -218,21 +162,6 @@ class _Run:
         finally:
             progress.close()
         return Report(total, progress.elapsed_s, options.dry_run, resumed_after)
-
-    async def _checked(self, statement: sql.Composed) -> psycopg.AsyncCursor[tuple[Any, ...]]:
-        """Run a statement that contains the query as a prepared statement, then make sure it left
-        the reading of SQL text as it was (module doc)."""
-        cursor = await self._src.execute(statement, prepare=True)
-        await self._lexing_unchanged()
-        return cursor
-
-    async def _lexing_unchanged(self) -> None:
-        now = await (await self._src.execute(_LEXING)).fetchone()
-        if now != self._lexing:
-            raise ConfigError(
-                f"{ONLY_READS}; it changes how SQL text is read"
-                f" (standard_conforming_strings, client_encoding: {self._lexing} -> {now})"
-            )
 
     async def _invalidate(self, organizations: Iterable[int]) -> None:
         orgs = sorted(organizations)
@@ -292,14 +221,6 @@ class _Run:
     async def _copy(self, rows: sql.Composable) -> None:
         """Stream ``rows`` from the source into the staging table, binary and unparsed."""
         async with self._tgt.cursor().copy(COPY_INTO_STAGING) as into:
-            async with aclosing(self._read(rows)) as chunks:
+            async with aclosing(self._session.copy_out(rows)) as chunks:
                 async for data in chunks:
                     await into.write(data)
-
-    async def _read(self, rows: sql.Composable) -> AsyncGenerator[bytes | bytearray | memoryview]:
-        with source_errors(self._options.source_url):
-            statement = sql.SQL("COPY (\n{}\n) TO STDOUT (FORMAT BINARY)").format(rows)
-            async with self._src.cursor().copy(statement) as out:
-                async for data in out:
-                    yield data
-            await self._lexing_unchanged()
