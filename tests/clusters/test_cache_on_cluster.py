@@ -6,7 +6,6 @@ one node gets MOVED for two organizations in three."""
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
 
