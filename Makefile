@@ -27,8 +27,11 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/lint-imports
 
 bench: $(VENV)/.installed
-	$(VENV)/bin/python bench/bench_store.py
-	$(VENV)/bin/python bench/bench_pipeline.py
+	$(VENV)/bin/python bench/drain.py
+	$(VENV)/bin/python bench/latency.py
+	$(VENV)/bin/python bench/backfill.py
+	$(VENV)/bin/python bench/memory.py
+	$(VENV)/bin/python bench/invalidation.py
 
 proto: $(VENV)/.installed
 	$(VENV)/bin/python scripts/gen_proto.py
