@@ -24,11 +24,10 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
-from psycopg import errors as pg
 from psycopg import sql
 
 from indexer.errors import ConfigError, IndexerError
-from indexer.readmodel.connection import read_only_options, translate_errors
+from indexer.readmodel.connection import close_quietly, read_model_required, read_only_options
 from indexer.redact import mask_url
 
 ROW_COLUMNS = ("mention_id", "organization_id", "mention_date", "deleted", "transaction_timestamp")
@@ -91,13 +90,8 @@ def _in_ranges(ranges: Sequence[tuple[int, int]]) -> sql.Composable:
 def model_errors(url: str, schema: str) -> Iterator[None]:
     """``Unavailable``/``Conflict`` as everywhere; a read model that is not there is the operator's."""
     try:
-        with translate_errors(url):
+        with read_model_required(url, schema):
             yield
-    except (pg.UndefinedTable, pg.UndefinedFunction, pg.InvalidSchemaName, pg.UndefinedColumn):
-        raise ConfigError(
-            f"the read model in schema {schema} at {mask_url(url)} is missing or out of date;"
-            " run `mention-indexer migrate` first"
-        ) from None
     except psycopg.Error as exc:
         raise IndexerError(f"postgres at {mask_url(url)} refused the audit: {exc.sqlstate} {exc}") from exc
 
@@ -141,11 +135,7 @@ class ModelReader:
 
     async def aclose(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await conn.close()
-            except Exception:  # closing a broken connection may fail; it is gone either way
-                pass
+        await close_quietly(conn)
 
     async def probe(self) -> int | None:
         """The probe row's hash here; None where ``hash_record_extended`` does not exist."""

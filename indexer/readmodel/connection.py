@@ -9,10 +9,11 @@ from contextlib import contextmanager
 from typing import Any
 
 import psycopg
+from psycopg import errors as pg
 from psycopg.conninfo import conninfo_to_dict
 
-from indexer.errors import Conflict, Unavailable
-from indexer.redact import scrub
+from indexer.errors import ConfigError, Conflict, Unavailable
+from indexer.redact import mask_url, scrub
 
 
 def connection_options(connect_timeout_s: int, *, idle_in_transaction_timeout_s: int | None = None) -> dict[str, Any]:
@@ -64,3 +65,26 @@ def translate_errors(url: str) -> Iterator[None]:
     except psycopg.OperationalError as exc:
         # "from None": the chained original would print the unscrubbed text in a traceback.
         raise Unavailable("postgres", url, scrub(str(exc).strip(), url)) from None
+
+
+@contextmanager
+def read_model_required(url: str, schema: str) -> Iterator[None]:
+    """``translate_errors``, and a read model that is missing or out of date as the operator's to
+    fix (``ConfigError``, exit 2)."""
+    try:
+        with translate_errors(url):
+            yield
+    except (pg.UndefinedTable, pg.UndefinedFunction, pg.InvalidSchemaName, pg.UndefinedColumn):
+        raise ConfigError(
+            f"the read model in schema {schema} at {mask_url(url)} is missing or out of date;"
+            " run `mention-indexer migrate` first"
+        ) from None
+
+
+async def close_quietly(conn: psycopg.AsyncConnection[Any] | None) -> None:
+    """Close ``conn`` if there is one; closing a broken connection may fail, it is gone either way."""
+    if conn is not None:
+        try:
+            await conn.close()
+        except Exception:
+            pass

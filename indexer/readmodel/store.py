@@ -29,7 +29,7 @@ from psycopg import sql
 
 from indexer.changes import Change, touched_organizations, version_bytes
 from indexer.errors import Refused, Unavailable
-from indexer.readmodel.connection import connection_options, translate_errors
+from indexer.readmodel.connection import close_quietly, connection_options, translate_errors
 from indexer.readmodel.merge import merge_statement
 from indexer.readmodel.outbox import Outbox
 from indexer.readmodel.registers import fold
@@ -190,11 +190,7 @@ class Store:
 
     async def _discard(self) -> None:
         conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                await conn.close()
-            except Exception:  # closing a broken connection may fail; it is gone either way
-                pass
+        await close_quietly(conn)
 
 
 def _classified(

@@ -10,7 +10,7 @@ import psycopg
 from psycopg import errors as pg
 
 from indexer.errors import ConfigError, IndexerError
-from indexer.readmodel.connection import translate_errors
+from indexer.readmodel.connection import read_model_required
 from indexer.readmodel.source import pg_message
 from indexer.redact import mask_url
 
@@ -20,13 +20,8 @@ def target_errors(url: str, schema: str) -> Iterator[None]:
     """As ``source_errors`` for the read model; a violation on the staging table means a bad
     source row, a missing relation a read model that was never migrated."""
     try:
-        with translate_errors(url):
+        with read_model_required(url, schema):
             yield
-    except (pg.UndefinedTable, pg.UndefinedFunction, pg.InvalidSchemaName, pg.UndefinedColumn):
-        raise ConfigError(
-            f"the read model in schema {schema} at {mask_url(url)} is missing or out of date;"
-            " run `mention-indexer migrate` first"
-        ) from None
     except pg.CardinalityViolation:
         raise ConfigError("the source query returns a mention_id more than once; it must be unique") from None
     except pg.CheckViolation:
