@@ -682,6 +682,29 @@ class Indexer:
             time.sleep(0.05)
         raise TimeoutError(f"the indexer did not become ready in {timeout_s} s: {self.tail()}")
 
+    def batch_stats(self) -> dict[str, float]:
+        """Means of the indexer's own batch histograms (``/metrics``): where a batch's time goes."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=5) as answer:
+            text = answer.read().decode()
+        sums: dict[str, float] = {}
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name.endswith(("_sum", "_count")) and not sample.labels:
+                    sums[sample.name.removeprefix("mention_indexer_")] = sample.value
+        batches = sums.get("batch_messages_count") or 0.0
+        stats = {"batches": batches}
+        if batches:
+            stats["mean_messages"] = sums["batch_messages_sum"] / batches
+            for stage in ("batch", "apply", "invalidation"):
+                count = sums.get(f"{stage}_duration_seconds_count") or 0.0
+                if count:
+                    stats[f"mean_{stage}_ms"] = 1000 * sums[f"{stage}_duration_seconds_sum"] / count
+        return stats
+
     def stop(self) -> int:
         import subprocess
 

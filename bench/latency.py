@@ -348,6 +348,7 @@ def main() -> int:
             info(f"indexer pid {indexer.pid} ready; publishing {rate}/s for {seconds:g} s")
             with profiled(args.profile, pid=indexer.pid):
                 result = asyncio.run(measure(settings, rate, seconds, warmup, orgs, indexer.pid))
+            batches = indexer.batch_stats()
         finally:
             indexer.stop()
     report.measurements.update(result)
@@ -363,6 +364,11 @@ def main() -> int:
         f" {result['missing_invalidation']} invalidations; {result['deleted_before_publish']} keys deleted before"
         f" their event (left out); CPU: indexer {result['indexer_cpu_share']:.0%} of a core, this process"
         f" {result['bench_cpu_share']:.0%}"
+    )
+    report.measurements["indexer_batches"] = batches
+    report.note(
+        "indexer's batches (its /metrics): "
+        + ", ".join(f"{name} {value:,.1f}" for name, value in batches.items())
     )
     for what, label in (("committed_ms", "publish_to_committed"), ("invalidated_ms", "publish_to_invalidated")):
         q = result[what]

@@ -19,6 +19,7 @@ defines the SQL twin ``<schema>.version_bytes(...)`` for versions computed in Po
 from __future__ import annotations
 
 import enum
+import struct
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -27,6 +28,8 @@ from datetime import UTC, datetime, timedelta
 _NO_DATE = datetime.min.replace(tzinfo=UTC)
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 _ONE_US = timedelta(microseconds=1)
+_VERSION = struct.Struct(">QHQQ")
+_BIAS_64, _BIAS_16 = 1 << 63, 1 << 15
 
 
 class Kind(enum.IntEnum):
@@ -102,6 +105,17 @@ def version_bytes(change: Change) -> bytes:
     keys give equal bytes.  Raises ``ValueError`` for an organization outside int64.
     """
     timestamp, kind, organization, date = version_key(change)
+    try:
+        # One pack, as it runs for every change the live path applies; the biases flip the signs.
+        return _VERSION.pack(
+            _microseconds(timestamp) + _BIAS_64,
+            kind + _BIAS_16,
+            organization + _BIAS_64,
+            _microseconds(date) + _BIAS_64,
+        )
+    except struct.error:
+        pass
+    # Out of range: the piecewise form says which value does not fit.
     return b"".join(
         (
             _sortable(_microseconds(timestamp), 8),

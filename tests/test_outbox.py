@@ -16,7 +16,7 @@ from psycopg import sql
 from indexer.changes import Change, Kind
 from indexer.config import Settings
 from indexer.readmodel.migrate import migrate_async
-from indexer.readmodel.store import Store
+from indexer.readmodel.store import SETTLE_ALONE_AFTER_S, Store
 from tests.support.cache_fixtures import fill
 from tests.support.service import acknowledged, publish_changes, running
 from tests.support.waiting import eventually
@@ -35,6 +35,22 @@ async def _owed(settings: Settings) -> int:
         cursor = await conn.execute(sql.SQL("SELECT count(*) FROM {}").format(table))
         row = await cursor.fetchone()
         return int(row[0]) if row else 0
+
+
+async def _owed_ids(settings: Settings) -> list[int]:
+    async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
+        table = sql.Identifier(settings.schema_name, "invalidation_outbox")
+        cursor = await conn.execute(sql.SQL("SELECT id FROM {} ORDER BY id").format(table))
+        return [row[0] for row in await cursor.fetchall()]
+
+
+async def _owed_organizations(settings: Settings, outbox_id: int) -> list[int]:
+    async with await psycopg.AsyncConnection.connect(settings.database_url) as conn:
+        table = sql.Identifier(settings.schema_name, "invalidation_outbox")
+        cursor = await conn.execute(sql.SQL("SELECT organizations FROM {} WHERE id = %s").format(table), (outbox_id,))
+        row = await cursor.fetchone()
+        assert row is not None
+        return list(row[0])
 
 
 async def _exists(settings: Settings, key: str) -> bool:
@@ -80,7 +96,40 @@ async def test_a_batch_settles_its_own_row(settings: Settings) -> None:
     async with running(settings) as indexer:
         await publish_changes(settings, [Change(Kind.INSERTED, 5, A, None, T)])
         await acknowledged(indexer, 1)
-        assert await _owed(settings) == 0
+        # No batch follows: the row goes on its own, well before any sweep would take it.
+        await eventually(lambda: _none_owed(settings), timeout_s=3 * SETTLE_ALONE_AFTER_S, what="the outbox empty")
+
+
+async def test_a_settled_row_goes_with_the_next_batch(settings: Settings) -> None:
+    await migrate_async(settings.database_url, settings.schema_name)
+    async with Store(settings.database_url, settings.schema_name, settle_alone_after_s=3600) as store:
+        first = await store.apply([Change(Kind.INSERTED, 1, A, None, T)])
+        await store.settled(first.outbox_ids)
+        assert await _owed(settings) == 1, "not on its own within the hour"
+        second = await store.apply([Change(Kind.INSERTED, 2, B, None, T)])
+        assert await _owed_ids(settings) == list(second.outbox_ids), "the first went with the second batch"
+
+
+async def test_what_is_settled_is_cleared_at_close(settings: Settings) -> None:
+    await migrate_async(settings.database_url, settings.schema_name)
+    async with Store(settings.database_url, settings.schema_name, settle_alone_after_s=3600) as store:
+        first = await store.apply([Change(Kind.INSERTED, 1, A, None, T)])
+        await store.settled(first.outbox_ids)
+    assert await _owed(settings) == 0
+
+
+async def test_the_outbox_row_names_what_the_batch_reports(settings: Settings) -> None:
+    """The row written by the batch's statement and the organizations returned to the caller are
+    one set: the new ones, the ones moved away from, and those of rows the batch did not write."""
+    await migrate_async(settings.database_url, settings.schema_name)
+    async with Store(settings.database_url, settings.schema_name, settle_alone_after_s=3600) as store:
+        await store.apply([Change(Kind.INSERTED, 1, A, None, T), Change(Kind.INSERTED, 2, B, None, T)])
+        result = await store.apply(
+            [_move(C, 1), Change(Kind.INSERTED, 2, B, None, T), Change(Kind.DELETED, 3, None, None, T)]
+        )
+    (outbox_id,) = result.outbox_ids
+    assert result.organizations == {A, B, C}
+    assert await _owed_organizations(settings, outbox_id) == [A, B, C]
 
 
 async def _gone(settings: Settings, key: str) -> bool:

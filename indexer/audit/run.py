@@ -14,21 +14,15 @@ from indexer.cache import CacheInspector, CacheInvalidator
 from indexer.config import Settings
 from indexer.readmodel.migrate import migrate_async
 from indexer.readmodel.source import normalized
+from indexer.readmodel.source_run import SourceRun
 from indexer.readmodel.store import Store
 from indexer.retry import retry_transient
 
 
-@dataclass(frozen=True, slots=True)
-class Options:
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options(SourceRun):
     database_url: str
-    schema: str
-    source_url: str
-    query: str | None = None
-    """None: the default source, ``public.mentions``."""
-    organizations: tuple[int, ...] = ()
     settle_s: float = SETTLE_S
-    retry_initial_s: float = 0.2
-    retry_max_s: float = 10.0
 
     @classmethod
     def from_settings(cls, settings: Settings, query: str | None, organizations: Iterable[int] = ()) -> Options:

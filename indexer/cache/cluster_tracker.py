@@ -19,12 +19,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import secrets
 
 from indexer.cache.cluster import NodeMap
 from indexer.cache.errors import unavailable
-from indexer.cache.keys import registry_key
-from indexer.cache.tracker import KeyTracker, TrackMode
+from indexer.cache.tracker import KeyTracker, Tracking, TrackMode
 from indexer.errors import ConfigError, Unavailable
 
 log = logging.getLogger(__name__)
@@ -33,19 +31,12 @@ _FOLLOW_S = 5.0  # how often the slot map is read again while every tracker runs
 _CATCH_UP_S = 0.5  # ... and while one does not
 
 
-class ClusterKeyTracker:
+class ClusterKeyTracker(Tracking):
     """``KeyTracker``'s interface (``active``, ``start``, ``barrier``, ``aclose``) over every primary."""
 
     def __init__(self, nodes: NodeMap, prefix: str, url: str, mode: TrackMode) -> None:
-        if mode not in ("auto", "on", "off"):
-            raise ValueError(f"track_direct_keys must be auto, on or off, got {mode!r}")
-        self.mode = mode
-        self.url = url
-        self.client_name = f"mention-indexer-keys-{secrets.token_hex(6)}"
+        super().__init__(prefix, url, mode)
         self._nodes = nodes
-        self._prefix = prefix
-        self._registry = registry_key(prefix)
-        self._disabled = mode == "off"
         self._trackers: dict[str, KeyTracker] = {}
         self._stale = True
         self._wake = asyncio.Event()

@@ -3,13 +3,19 @@
 It needs redis and nothing else of the indexer's dependencies: importing it imports neither
 aio-pika nor psycopg.  Why a read through it never returns data older than an acknowledged
 commit is told in the package doc.
+
+``get_or_fill``'s policy is written once, for both readers, as a generator
+(``_Reader._get_or_fill``): it makes each call (Redis, the loader), yields what the call returned
+and goes on with what it is sent back.  ``CacheReader`` sends back what it was given, a result
+already; ``AsyncCacheReader`` awaits it first and sends back its result, or throws in what the
+await raised, at the very line of the call.  So the two cannot drift apart.
 """
 
 from __future__ import annotations
 
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Generator
 from typing import TYPE_CHECKING, Any, Self
 
 from indexer.cache.client import AsyncClient, ClusterMode, OwnedAsyncClient, OwnedClient, SyncClient
@@ -23,18 +29,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-
-class _FromSettings:
-    if TYPE_CHECKING:  # the signature both readers have, for from_settings
-
-        def __init__(self, client: Any, prefix: str, *, ttl_s: float = 3600, cluster: ClusterMode = "auto") -> None: ...
-
-    @classmethod
-    def from_settings(cls, settings: Settings) -> Self:
-        """A reader of the indexer's prefix and TTL, from the same settings the indexer reads."""
-        return cls(
-            settings.redis_url, settings.cache_prefix, ttl_s=settings.cache_ttl_s, cluster=settings.redis_cluster
-        )
+# What ``_get_or_fill`` yields (a call's result, or its awaitable) and returns (the value).
+_Steps = Generator[Any, Any, bytes]
 
 
 def _served(stored: bytes | None, epoch: bytes) -> bytes | None:
@@ -49,7 +45,83 @@ def _checked_ttl_s(ttl_s: float) -> float:
     return ttl_s
 
 
-class CacheReader(OwnedClient, _FromSettings):
+class _Reader:
+    """What both readers share: the prefix, the default TTL, the scripts and ``get_or_fill``'s steps.
+
+    First in each reader's bases, so that its ``_bind`` is the one the client calls again after a
+    switch to a cluster client."""
+
+    if TYPE_CHECKING:  # the client class beside it in each reader's bases gives these
+        url: str
+        _client: Any
+
+        def __init__(self, client: Any, prefix: str, *, ttl_s: float = 3600, cluster: ClusterMode = "auto") -> None: ...
+
+        def _connected(self) -> Any: ...
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Self:
+        """A reader of the indexer's prefix and TTL, from the same settings the indexer reads."""
+        return cls(
+            settings.redis_url, settings.cache_prefix, ttl_s=settings.cache_ttl_s, cluster=settings.redis_cluster
+        )
+
+    def _configure(self, prefix: str, ttl_s: float) -> None:
+        self._prefix, self.ttl_s = check_prefix(prefix), _checked_ttl_s(ttl_s)
+        self._bind()
+
+    def _bind(self) -> None:
+        self._read, self._fill = self._client.register_script(READ_LUA), self._client.register_script(FILL_LUA)
+
+    def _get_or_fill(self, org: int, key: str, loader: Callable[[], Any], ttl_s: float | None) -> _Steps:
+        """``get_or_fill``, one ``yield`` per call (see the module doc)."""
+        entry = Entry.of(self._prefix, org, key, self.ttl_s if ttl_s is None else ttl_s)
+        client = yield self._connected()
+        with unavailable(self.url):
+            epoch, stored = yield self._read(keys=entry.slot_keys, args=[fresh_epoch()])
+            served = _served(stored, epoch)
+            if served is not None:
+                return served
+            # Registered before the fill, so invalidate_all finds every org that has keys.
+            yield client.sadd(entry.registry, entry.org)
+        value = as_bytes((yield loader()))
+        try:
+            with unavailable(self.url):
+                yield self._fill(keys=entry.slot_keys, args=[epoch, value, entry.ttl_ms])
+        except Unavailable as exc:
+            log.warning("cache fill skipped: %s", exc)
+        return value
+
+
+def _run(steps: _Steps) -> bytes:
+    """Runs the steps of a synchronous reader: each call has returned already, its result goes back."""
+    try:
+        result = next(steps)
+        while True:
+            result = steps.send(result)
+    except StopIteration as done:
+        value: bytes = done.value
+        return value
+
+
+async def _run_async(steps: _Steps) -> bytes:
+    """Runs the steps of an asyncio reader: what a call returns is awaited (a loader's result only if
+    awaitable), and its result sent back or what it raised thrown in, where the call was made."""
+    result: Any = None
+    error: BaseException | None = None
+    while True:
+        try:
+            pending = steps.send(result) if error is None else steps.throw(error)
+        except StopIteration as done:
+            value: bytes = done.value
+            return value
+        try:
+            result, error = (await pending if inspect.isawaitable(pending) else pending), None
+        except BaseException as exc:  # a cancellation too: the steps see it, as they would inline
+            result, error = None, exc
+
+
+class CacheReader(_Reader, OwnedClient):
     """Reads and fills a prefix's caches for services that read the read model (synchronous).
 
     Constructed from a URL it owns its client (``close`` closes it); a client passed in stays the
@@ -61,12 +133,9 @@ class CacheReader(OwnedClient, _FromSettings):
     def __init__(
         self, client: SyncClient | str, prefix: str, *, ttl_s: float = 3600, cluster: ClusterMode = "auto"
     ) -> None:
-        super().__init__(client, cluster=cluster)
-        self._prefix, self.ttl_s = check_prefix(prefix), _checked_ttl_s(ttl_s)
-        self._bind()
-
-    def _bind(self) -> None:
-        self._read, self._fill = self._client.register_script(READ_LUA), self._client.register_script(FILL_LUA)
+        # Named, not super(): a type checker would take the __init__ _Reader declares for it.
+        OwnedClient.__init__(self, client, cluster=cluster)
+        self._configure(prefix, ttl_s)
 
     def get_or_fill(
         self, org: int, key: str, loader: Callable[[], bytes | str], *, ttl_s: float | None = None
@@ -74,36 +143,17 @@ class CacheReader(OwnedClient, _FromSettings):
         """The cached value of ``P:{org}:key``; on a miss ``loader()`` (reading the database) gives
         it and it is stored, unless an invalidation ran meanwhile.  Raises ``Unavailable`` if Redis
         cannot be read; a failure to store after loading only logs (the value is still correct)."""
-        entry = Entry.of(self._prefix, org, key, self.ttl_s if ttl_s is None else ttl_s)
-        client = self._connected()
-        with unavailable(self.url):
-            epoch, stored = self._read(keys=entry.slot_keys, args=[fresh_epoch()])
-            served = _served(stored, epoch)
-            if served is not None:
-                return served
-            # Registered before the fill, so invalidate_all finds every org that has keys.
-            client.sadd(entry.registry, entry.org)
-        value = as_bytes(loader())
-        try:
-            with unavailable(self.url):
-                self._fill(keys=entry.slot_keys, args=[epoch, value, entry.ttl_ms])
-        except Unavailable as exc:
-            log.warning("cache fill skipped: %s", exc)
-        return value
+        return _run(self._get_or_fill(org, key, loader, ttl_s))
 
 
-class AsyncCacheReader(OwnedAsyncClient, _FromSettings):
+class AsyncCacheReader(_Reader, OwnedAsyncClient):
     """``CacheReader`` for asyncio; the loader may be a coroutine function or a plain function."""
 
     def __init__(
         self, client: AsyncClient | str, prefix: str, *, ttl_s: float = 3600, cluster: ClusterMode = "auto"
     ) -> None:
-        super().__init__(client, cluster=cluster)
-        self._prefix, self.ttl_s = check_prefix(prefix), _checked_ttl_s(ttl_s)
-        self._bind()
-
-    def _bind(self) -> None:
-        self._read, self._fill = self._client.register_script(READ_LUA), self._client.register_script(FILL_LUA)
+        OwnedAsyncClient.__init__(self, client, cluster=cluster)  # named: see CacheReader
+        self._configure(prefix, ttl_s)
 
     async def get_or_fill(
         self,
@@ -114,19 +164,4 @@ class AsyncCacheReader(OwnedAsyncClient, _FromSettings):
         ttl_s: float | None = None,
     ) -> bytes:
         """As ``CacheReader.get_or_fill``."""
-        entry = Entry.of(self._prefix, org, key, self.ttl_s if ttl_s is None else ttl_s)
-        client = await self._connected()
-        with unavailable(self.url):
-            epoch, stored = await self._read(keys=entry.slot_keys, args=[fresh_epoch()])
-            served = _served(stored, epoch)
-            if served is not None:
-                return served
-            await client.sadd(entry.registry, entry.org)
-        loaded = loader()
-        value = as_bytes(await loaded if inspect.isawaitable(loaded) else loaded)
-        try:
-            with unavailable(self.url):
-                await self._fill(keys=entry.slot_keys, args=[epoch, value, entry.ttl_ms])
-        except Unavailable as exc:
-            log.warning("cache fill skipped: %s", exc)
-        return value
+        return await _run_async(self._get_or_fill(org, key, loader, ttl_s))

@@ -74,6 +74,7 @@ _FLAGS = "Kn"  # keyspace channel, new-key events (7.0+); never removes a flag
 _BATCH = 1000  # keys per indexing round trip, and SCAN COUNT
 _QUEUE = 10_000  # events read ahead of indexing; beyond, the server buffers (and may drop us)
 _PONG = object()
+_GATHER_S = 0.005  # how long new keys wait for more before they are indexed (no barrier waiting)
 
 Tracked = tuple[int, bytes]  # (org, full key name)
 
@@ -200,12 +201,26 @@ class _Subscription:
         except Exception as exc:
             self.fail(f"subscription lost: {type(exc).__name__}: {exc}")
 
+    async def _gather(self, items: list[Tracked | object]) -> None:
+        """Add what follows the first item, waiting up to ``_GATHER_S`` for more keys while no
+        barrier waits: a service filling keys one at a time would otherwise cost a round trip
+        each, and a key indexed a little later is still indexed before any barrier returns."""
+        deadline = asyncio.get_running_loop().time() + _GATHER_S
+        while len(items) < _BATCH and isinstance(items[-1], tuple):
+            if not self._queue.empty():
+                items.append(self._queue.get_nowait())
+                continue
+            try:
+                async with asyncio.timeout_at(deadline):
+                    items.append(await self._queue.get())
+            except TimeoutError:
+                return
+
     async def _index(self) -> None:
         try:
             while self.failure is None:
                 items = [await self._queue.get()]
-                while len(items) < _BATCH and not self._queue.empty():
-                    items.append(self._queue.get_nowait())
+                await self._gather(items)
                 keys: list[Tracked] = [item for item in items if isinstance(item, tuple)]
                 if keys:
                     await self._track(keys)
@@ -226,7 +241,23 @@ class _Subscription:
             self.fail(f"indexing failed: {type(exc).__name__}: {exc}")
 
 
-class KeyTracker:
+class Tracking:
+    """What a tracker of one server and the tracker of a whole cluster (``cluster_tracker``) both
+    hold: the mode, the URL their errors name, the name their subscriptions' connections carry
+    (one name for every node of a cluster), the prefix and its registry."""
+
+    def __init__(self, prefix: str, url: str, mode: TrackMode) -> None:
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"track_direct_keys must be auto, on or off, got {mode!r}")
+        self.mode = mode
+        self.url = url
+        self.client_name = f"mention-indexer-keys-{secrets.token_hex(6)}"
+        self._prefix = prefix
+        self._registry = registry_key(prefix)
+        self._disabled = mode == "off"
+
+
+class KeyTracker(Tracking):
     """Keeps every key of a prefix's namespaces in its organization's index (see the module doc).
 
     ``client`` is the invalidator's client (CONFIG, SCAN and indexing go through it); the
@@ -246,19 +277,12 @@ class KeyTracker:
         """``register`` and ``lost`` are for a node of a Redis Cluster (``cluster_tracker``): the
         registry lives in a slot of its own, maybe on another node, so it is written through
         ``register``; ``lost`` is told when the subscription is lost (the slot map may have changed)."""
-        if mode not in ("auto", "on", "off"):
-            raise ValueError(f"track_direct_keys must be auto, on or off, got {mode!r}")
-        self.mode = mode
-        self.url = url
-        self.client_name = f"mention-indexer-keys-{secrets.token_hex(6)}"
+        super().__init__(prefix, url, mode)
         self._client = client
-        self._prefix = prefix
-        self._registry = registry_key(prefix)
         self._script = client.register_script(TRACK_LUA)
         self._db = int(client.connection_pool.connection_kwargs.get("db") or 0)
         self._channel_head = f"__keyspace@{self._db}__:".encode()
         self._pattern = data_key_pattern(prefix)
-        self._disabled = mode == "off"
         self._sub: _Subscription | None = None
         self._starting: asyncio.Task[None] | None = None
         self._register = register
@@ -476,9 +500,14 @@ class KeyTracker:
         # Registered before indexed, as the readers do, so invalidate_all finds every org.
         if self._register is not None:
             await self._register(orgs)
-        async with self._client.pipeline(transaction=False) as pipe:
-            if self._register is None:
-                pipe.sadd(self._registry, *orgs)
-            for org, key in keys:
-                await self._script(keys=[index_key(self._prefix, org), key], client=pipe)
-            await pipe.execute()
+            async with self._client.pipeline(transaction=False) as pipe:
+                for org, key in keys:
+                    await self._script(keys=[index_key(self._prefix, org), key], client=pipe)
+                await pipe.execute()
+            return
+        # A single server: one script, the registry included (a pipeline of scripts would first
+        # ask SCRIPT EXISTS, a round trip more on every key a service fills).
+        pairs: list[str | bytes] = []
+        for org, key in keys:
+            pairs += (index_key(self._prefix, org), key)
+        await self._script(keys=[*pairs, self._registry], args=orgs, client=self._client)

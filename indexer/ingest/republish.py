@@ -51,16 +51,14 @@ def copy_of(properties: Basic.Properties, headers: Mapping[str, Any], **changes:
 
 
 def dead_letter_properties(
-    message: aio_pika.abc.AbstractIncomingMessage, extra_headers: Mapping[str, Any], *, keep_headers: bool = True
+    received: Basic.Properties, extra_headers: Mapping[str, Any], *, keep_headers: bool = True
 ) -> ExactProperties:
-    """The properties of ``message``'s dead letter: its own (headers too, unless ``keep_headers``
-    is false), persistent, with expiration and user id moved into headers, plus ``extra_headers``."""
-    received = message.properties
+    """The properties of a dead letter of a message that had ``received``: its own (headers too,
+    unless ``keep_headers`` is false), persistent, with expiration and user id moved into headers,
+    plus ``extra_headers``."""
     headers = _message_headers(received) if keep_headers else {}
-    # aio-pika hands the expiration over in seconds (a float) and truncates when it writes it
-    # back: the milliseconds on the wire are recovered by rounding.
-    if isinstance(message.expiration, int | float):
-        headers[MOVED_TO_HEADERS["expiration"]] = str(round(message.expiration * 1000))
+    if received.expiration:  # the wire's own text, milliseconds
+        headers[MOVED_TO_HEADERS["expiration"]] = received.expiration
     if received.user_id:
         headers[MOVED_TO_HEADERS["user_id"]] = received.user_id
     headers.update(extra_headers)

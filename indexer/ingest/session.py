@@ -19,7 +19,8 @@ from typing import Any, TypeVar
 
 import aio_pika
 import aiormq
-from aio_pika.abc import AbstractIncomingMessage
+from aiormq.abc import DeliveredMessage
+from pamqp.commands import Basic
 
 from indexer.config import Settings
 from indexer.errors import Unavailable
@@ -43,7 +44,7 @@ class SessionLost(Unavailable):
 
 @dataclass(frozen=True, slots=True)
 class Delivery:
-    """One received message; ``_message`` ties it to its channel so it is acked only there."""
+    """One received message, as the broker sent it; acknowledged by its session only."""
 
     body: bytes
     content_type: str | None
@@ -51,7 +52,9 @@ class Delivery:
     exchange: str
     headers: dict[str, Any]
     received_s: float  # time.monotonic() when it arrived
-    _message: AbstractIncomingMessage = field(repr=False)
+    delivery_tag: int
+    properties: Basic.Properties = field(repr=False)
+    """Every property as decoded from the wire (dead letters copy them exactly)."""
 
 
 class Session:
@@ -65,9 +68,9 @@ class Session:
         self._arrived = asyncio.Event()
         self._lost = asyncio.Event()
         self._consumer_tag: str | None = None
-        self._queue: aio_pika.abc.AbstractQueue | None = None
+        self._channel: aiormq.abc.AbstractChannel | None = None  # the consuming one, under aio-pika
         self._dlq_channel: aio_pika.abc.AbstractChannel | None = None
-        self._held: set[int | None] = set()  # delivery tags never to acknowledge (hold)
+        self._held: set[int] = set()  # delivery tags never to acknowledge (hold)
         self.unacknowledged = 0  # deliveries received and not acknowledged yet
 
     async def open(self) -> None:
@@ -78,7 +81,7 @@ class Session:
             channel = await self._connection.channel(publisher_confirms=False)
             # Declaring may close (and reopen) the channel once, see _declare_queue: only watch
             # the channel for closes once the topology stands.
-            self._queue = await declare_topology(channel, settings)
+            queue = await declare_topology(channel, settings)
             channel.close_callbacks.add(self._on_close)
             await channel.set_qos(prefetch_count=settings.prefetch)
             # on_return_raises: a dead letter the broker cannot route (DLQ deleted under us) must
@@ -88,9 +91,13 @@ class Session:
             # The broker can cancel a consumer and leave its channel open (queue deleted, and so
             # on): nothing would arrive again while all looks well.  Treat it as a lost session,
             # so the service opens a new one, declares the topology again and consumes.
-            underlay = await channel.get_underlay_channel()
+            self._channel = underlay = await channel.get_underlay_channel()
             underlay.on_consumer_cancel_callbacks.add(self._on_consumer_cancelled)
-            self._consumer_tag = await self._queue.consume(self._receive)
+            # Consumed on the channel under aio-pika: an ``IncomingMessage`` per delivery (its
+            # properties decoded a second time, then locked) was a fifth of the drain's cost, and
+            # the session needs only the frames' own values (bench/drain.py).
+            consume_ok = await underlay.basic_consume(queue.name, self._receive)
+            self._consumer_tag = consume_ok.consumer_tag
         except CONNECTION_ERRORS as exc:
             await self.close()
             raise SessionLost("rabbitmq", settings.amqp_url, str(exc) or type(exc).__name__) from None
@@ -108,18 +115,22 @@ class Session:
             log.warning("rabbitmq cancelled our consumer (was queue %s deleted?)", self._settings.queue)
         self._lost.set()
 
-    async def _receive(self, message: AbstractIncomingMessage) -> None:
+    async def _receive(self, message: DeliveredMessage) -> None:
+        deliver, properties = message.delivery, message.header.properties
+        if not isinstance(deliver, Basic.Deliver) or deliver.delivery_tag is None:
+            raise TypeError(f"a consumer was handed {deliver!r}")  # never: aiormq hands it Deliver frames
         # The inbox holds at most `prefetch` deliveries: the broker sends no more until we ack.
         self.unacknowledged += 1
         self._inbox.append(
             Delivery(
                 body=message.body,
-                content_type=message.content_type,
-                routing_key=message.routing_key or "",
-                exchange=message.exchange or "",
-                headers=dict(message.headers or {}),
+                content_type=properties.content_type,
+                routing_key=deliver.routing_key or "",
+                exchange=deliver.exchange or "",
+                headers=dict(properties.headers or {}),
                 received_s=time.monotonic(),
-                _message=message,
+                delivery_tag=deliver.delivery_tag,
+                properties=properties,
             )
         )
         self._arrived.set()
@@ -205,12 +216,12 @@ class Session:
             "x-dead-lettered-at": datetime.now(UTC).isoformat(timespec="seconds"),
         }
         try:
-            properties = republish.dead_letter_properties(delivery._message, ours)
+            properties = republish.dead_letter_properties(delivery.properties, ours)
             properties.marshal()  # here, before anything is sent, if a header cannot be written
         except (TypeError, ValueError) as exc:
             log.warning("dead letter without its original headers: %s", exc)
             ours[ERROR_HEADER] = f"{reason}; original headers not kept: {exc}"[:1000]
-            properties = republish.dead_letter_properties(delivery._message, ours, keep_headers=False)
+            properties = republish.dead_letter_properties(delivery.properties, ours, keep_headers=False)
         publishing = republish.publish(self._dlq_channel, delivery.body, properties, self._settings.dlq)
         try:
             await self.guard(publishing)
@@ -232,7 +243,7 @@ class Session:
     def hold(self, deliveries: Iterable[Delivery]) -> None:
         """Never acknowledge these (they could not be dead-lettered); they return to the queue
         when the session ends."""
-        self._held.update(delivery._message.delivery_tag for delivery in deliveries)
+        self._held.update(delivery.delivery_tag for delivery in deliveries)
 
     async def ack(self, batch: Sequence[Delivery]) -> None:
         """Acknowledge the batch: one frame (multiple=True on its last delivery), or one per
@@ -241,23 +252,24 @@ class Session:
             return
         if self._lost.is_set():
             raise SessionLost("rabbitmq", self._settings.amqp_url, "cannot ack on a lost channel")
+        assert self._channel is not None
         try:
             if not self._held:
-                await batch[-1]._message.ack(multiple=True)
+                await self._channel.basic_ack(batch[-1].delivery_tag, multiple=True)
                 self.unacknowledged -= len(batch)
                 return
             for delivery in batch:
-                if delivery._message.delivery_tag not in self._held:
-                    await delivery._message.ack()
+                if delivery.delivery_tag not in self._held:
+                    await self._channel.basic_ack(delivery.delivery_tag)
                     self.unacknowledged -= 1
         except CONNECTION_ERRORS as exc:
             raise SessionLost("rabbitmq", self._settings.amqp_url, str(exc) or type(exc).__name__) from None
 
     async def stop_consuming(self) -> None:
         """Cancel the consumer: the broker sends no more; unacked deliveries return on close."""
-        if self._queue is not None and self._consumer_tag is not None and not self._lost.is_set():
+        if self._channel is not None and self._consumer_tag is not None and not self._lost.is_set():
             try:
-                await asyncio.wait_for(self._queue.cancel(self._consumer_tag), 2)
+                await asyncio.wait_for(self._channel.basic_cancel(self._consumer_tag), 2)
             except CONNECTION_ERRORS:
                 pass
             self._consumer_tag = None

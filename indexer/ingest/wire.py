@@ -21,6 +21,7 @@ in a ``VtEvent`` with ``Core`` filled as the seed describes, ``encode`` serializ
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import socket
@@ -119,6 +120,7 @@ def parse_organization_id(text: str) -> int | None:
         raise BadOrganizationId(text) from None
 
 
+@functools.lru_cache(maxsize=64)  # a queue sees a handful of distinct content types
 def _media_type(content_type: str | None) -> tuple[str, str | None]:
     """``"application/json; charset=UTF-8"`` → ``("application/json", "utf-8")``."""
     if not content_type:
@@ -189,29 +191,36 @@ def _interpret(event: core_pb2.VtEvent) -> Decoded:
 
 
 def _change(kind: Kind, message: MentionMessage, event: core_pb2.VtEvent) -> Change:
+    # Each field is read once: every read of a protobuf field builds a Python value anew.
     if not message.HasField("payload"):
         raise MissingField("payload")
     payload = message.payload
-    if payload.mention_id == 0:  # proto3 cannot tell 0 from unset, and 0 is no mention's id
+    mention_id, organization, transaction_timestamp = (
+        payload.mention_id,
+        payload.organization_id,
+        payload.transaction_timestamp,
+    )
+    if mention_id == 0:  # proto3 cannot tell 0 from unset, and 0 is no mention's id
         raise MissingField("mention_id")
-    if payload.mention_id < 0:
-        raise OutOfRange("mention_id", payload.mention_id, "positive")
-    if payload.organization_id < 0:
-        raise OutOfRange("organization_id", payload.organization_id, "positive")
-    organization_id: int | None = payload.organization_id or None
-    if organization_id is None and kind is not Kind.DELETED:
+    if mention_id < 0:
+        raise OutOfRange("mention_id", mention_id, "positive")
+    if organization < 0:
+        raise OutOfRange("organization_id", organization, "positive")
+    if organization == 0 and kind is not Kind.DELETED:
         # A Delete may leave the organization out (the stored one is kept); nothing else may.
         raise MissingField("organization_id")
-    if not payload.transaction_timestamp:
+    if not transaction_timestamp:
         raise MissingField("transaction_timestamp")
+    mention_date = payload.mention_date
+    trace_context = event.trace.trace_context
     return Change(
         kind=kind,
-        mention_id=payload.mention_id,
-        organization_id=organization_id,
-        mention_date=_timestamp("mention_date", payload.mention_date) if payload.mention_date else None,
-        transaction_timestamp=_timestamp("transaction_timestamp", payload.transaction_timestamp),
+        mention_id=mention_id,
+        organization_id=organization or None,
+        mention_date=_timestamp("mention_date", mention_date) if mention_date else None,
+        transaction_timestamp=_timestamp("transaction_timestamp", transaction_timestamp),
         event_id=event.core.id,
-        trace_context=dict(event.trace.trace_context),
+        trace_context=dict(trace_context) if trace_context else {},
     )
 
 

@@ -18,7 +18,9 @@ change that may carry a field the newest one left out.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,10 +31,13 @@ from psycopg import sql
 
 from indexer.changes import Change, touched_organizations, version_bytes
 from indexer.errors import Refused, Unavailable
+from indexer.readmodel import arrays
 from indexer.readmodel.connection import close_quietly, connection_options, translate_errors
 from indexer.readmodel.merge import merge_statement
 from indexer.readmodel.outbox import Outbox
 from indexer.readmodel.registers import fold
+
+log = logging.getLogger(__name__)
 
 # Placeholder organization of a tombstone whose Deletes named none (see module docstring).
 UNKNOWN_ORGANIZATION = 0
@@ -46,13 +51,41 @@ unnest(%s::bigint[], %s::bytea[], %s::timestamptz[], %s::smallint[],
          organization_id, organization_version, mention_date, mention_date_version)
 """
 
-# For mentions the batch did not write (duplicates, stale): the organizations the stored row is
-# in and came from, so a redelivery whose first delivery lost its invalidation still invalidates
-# (docs/caches.md).
-_STORED_ORGANIZATIONS = """
-SELECT mention_id, version, organization_id, previous_organization_id
-FROM {mentions} WHERE mention_id = ANY(%s::bigint[])
+# A batch is one statement, so one round trip and no BEGIN/COMMIT of its own (each statement costs
+# the live path ~0.1 ms of CPU in psycopg's async wait, more than the network here):
+# * ``written``: the merge (``merge``), returning what it wrote;
+# * ``stored``: for mentions it did not write (duplicates, stale), the organizations the stored row
+#   is in and came from, so a redelivery whose first delivery lost its invalidation still
+#   invalidates (docs/caches.md).  It reads the statement's snapshot: a row it does not see was
+#   committed by a concurrent writer after it began, and that writer invalidates it;
+# * ``settled``: the outbox rows of earlier batches whose invalidations are done (``settled``);
+# * ``owed``: this batch's outbox row, committed with it (``outbox``): what the caches are owed
+#   survives a death right after the commit.  The same organizations as ``ApplyResult``'s.
+_APPLY = """
+WITH written AS ({merge}),
+stored AS (
+    SELECT s.mention_id, s.version, s.organization_id, s.previous_organization_id
+    FROM {mentions} AS s
+    WHERE s.mention_id = ANY(%s::bigint[]) AND s.mention_id NOT IN (SELECT mention_id FROM written)
+),
+result AS (SELECT * FROM written UNION ALL SELECT * FROM stored),
+settled AS (DELETE FROM {outbox} WHERE id = ANY(%s::bigint[])),
+owed AS (
+    INSERT INTO {outbox} (organizations)
+    SELECT array_agg(DISTINCT o ORDER BY o)
+    FROM (SELECT unnest(%s::bigint[])
+          UNION ALL SELECT organization_id FROM result
+          UNION ALL SELECT previous_organization_id FROM result) AS t(o)
+    WHERE o IS NOT NULL AND o <> {unknown}
+    HAVING count(*) > 0
+    RETURNING id
+)
+SELECT 'written', mention_id, version, organization_id, previous_organization_id FROM written
+UNION ALL SELECT 'stored', mention_id, version, organization_id, previous_organization_id FROM stored
+UNION ALL SELECT 'owed', id, NULL, NULL, NULL FROM owed
 """
+# Settled rows wait for the next batch's statement this long at most, then go on their own.
+SETTLE_ALONE_AFTER_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,17 +110,28 @@ class ApplyResult:
 class Store:
     """The read model over ONE connection, opened lazily and reopened after a failure.
 
-    Not safe for concurrent use: the service applies one batch at a time.
+    The service applies one batch at a time; the settling of outbox rows in the background
+    (``settled``) shares the connection under a lock.
     """
 
-    def __init__(self, url: str, schema: str, *, connect_timeout_s: int = 5) -> None:
+    def __init__(
+        self, url: str, schema: str, *, connect_timeout_s: int = 5, settle_alone_after_s: float = SETTLE_ALONE_AFTER_S
+    ) -> None:
         self._url = url
         self._connect_timeout_s = connect_timeout_s
         mentions = sql.Identifier(schema, "mentions")
-        self._upsert = merge_statement(mentions, sql.SQL(_INCOMING), only_changed_fields=False)
-        self._stored_organizations = sql.SQL(_STORED_ORGANIZATIONS).format(mentions=mentions)
-        self._conn: psycopg.AsyncConnection | None = None
         self._outbox = Outbox(schema)
+        self._apply = sql.SQL(_APPLY).format(
+            merge=merge_statement(mentions, sql.SQL(_INCOMING), only_changed_fields=False),
+            mentions=mentions,
+            outbox=self._outbox.table,
+            unknown=sql.Literal(UNKNOWN_ORGANIZATION),
+        )
+        self._conn: psycopg.AsyncConnection | None = None
+        self._lock = asyncio.Lock()
+        self._settle_alone_after_s = settle_alone_after_s
+        self._unsettled: list[int] = []
+        self._settling: asyncio.Task[None] | None = None
 
     async def apply(self, changes: Sequence[Change]) -> ApplyResult:
         """Apply a batch under the version guard and commit.
@@ -103,46 +147,73 @@ class Store:
             raise Refused(f"unusable change: {exc}") from exc
         if not writes:
             return ApplyResult(0, 0, frozenset())
-        params = (
-            [w.mention_id for w in writes],
-            [w.version for w in writes],
-            [w.transaction_timestamp for w in writes],
-            [int(w.kind) for w in writes],
-            [w.organization_id for w in writes],
-            [w.organization_version for w in writes],
-            [w.mention_date for w in writes],
-            [w.mention_date_version for w in writes],
-        )
         newest = {w.mention_id: w.version for w in writes}
         organizations = touched_organizations(changes)
-        try:
-            async with self._session() as conn, conn.transaction():
-                cursor = await conn.execute(self._upsert, params, binary=True)
-                rows = await cursor.fetchall()
-                unwritten = set(newest) - {row[0] for row in rows}
-                if unwritten:
-                    cursor = await conn.execute(self._stored_organizations, (sorted(unwritten),), binary=True)
-                    rows += await cursor.fetchall()
-                row_versions: dict[int, bytes] = {}
-                for mention_id, version, organization_id, previous_organization_id in rows:
-                    row_versions[mention_id] = version
-                    organizations.add(organization_id)
-                    if previous_organization_id is not None:
-                        organizations.add(previous_organization_id)
-                organizations.discard(UNKNOWN_ORGANIZATION)
-                # In the same transaction: what the caches are owed survives a death right after the commit.
-                outbox_id = await self._outbox.owe(conn, organizations) if organizations else None
-        except (psycopg.DataError, psycopg.IntegrityError) as exc:
-            # A value Postgres cannot take (e.g. an id beyond bigint): retrying cannot help.
-            raise Refused(f"postgres refused the batch: {exc.sqlstate} {exc.diag.message_primary}") from exc
+        async with self._lock:
+            settling = list(self._unsettled)
+            params = (
+                arrays.bigints([w.mention_id for w in writes]),
+                arrays.byteas([w.version for w in writes]),
+                arrays.timestamptzs([w.transaction_timestamp for w in writes]),
+                arrays.bigints([w.kind for w in writes]),
+                arrays.bigints([w.organization_id for w in writes]),
+                arrays.byteas([w.organization_version for w in writes]),
+                arrays.timestamptzs([w.mention_date for w in writes]),
+                arrays.byteas([w.mention_date_version for w in writes]),
+                arrays.bigints(newest),
+                arrays.bigints(settling),
+                arrays.bigints(organizations),
+            )
+            try:
+                async with self._session() as conn:
+                    cursor = await conn.execute(self._apply, params, binary=True)
+                    rows = await cursor.fetchall()
+            except (psycopg.DataError, psycopg.IntegrityError) as exc:
+                # A value Postgres cannot take (e.g. an id beyond bigint): retrying cannot help.
+                raise Refused(f"postgres refused the batch: {exc.sqlstate} {exc.diag.message_primary}") from exc
+            del self._unsettled[: len(settling)]  # committed with the batch
+        row_versions: dict[int, bytes] = {}
+        unwritten = set(newest)
+        outbox_ids: list[int] = []
+        for source, row_id, version, organization_id, previous_organization_id in rows:
+            if source == "owed":
+                outbox_ids.append(row_id)
+                continue
+            if source == "written":
+                unwritten.discard(row_id)
+            row_versions[row_id] = version
+            organizations.add(organization_id)
+            if previous_organization_id is not None:
+                organizations.add(previous_organization_id)
+        organizations.discard(UNKNOWN_ORGANIZATION)
         result = _classified(changes, newest, row_versions, unwritten, frozenset(organizations))
-        return dataclasses.replace(result, outbox_ids=() if outbox_id is None else (outbox_id,))
+        return dataclasses.replace(result, outbox_ids=tuple(outbox_ids))
 
     async def settled(self, outbox_ids: Sequence[int]) -> None:
-        """The caches owed by these outbox rows were invalidated: forget them."""
-        if outbox_ids:
-            async with self._session() as conn:
-                await self._outbox.settle(conn, outbox_ids)
+        """The caches owed by these outbox rows were invalidated: forget them, with the next
+        batch's statement, or on their own if none comes within ``settle_alone_after_s``."""
+        if not outbox_ids:
+            return
+        self._unsettled.extend(outbox_ids)
+        if self._settling is None or self._settling.done():
+            self._settling = asyncio.create_task(self._settle_alone_later(), name="indexer-outbox-settle")
+
+    async def _settle_alone_later(self) -> None:
+        await asyncio.sleep(self._settle_alone_after_s)
+        try:
+            await self._settle_now()
+        except Unavailable as exc:
+            # Left for the next batch's statement, or for the outbox sweep: one more invalidation at
+            # worst, never a missed one.
+            log.warning("invalidation outbox not cleared yet: %s", exc)
+
+    async def _settle_now(self) -> None:
+        async with self._lock:
+            settling = list(self._unsettled)
+            if settling:
+                async with self._session() as conn:
+                    await self._outbox.settle(conn, settling)
+                del self._unsettled[: len(settling)]
 
     async def settle_owed(self, older_than_s: float, invalidate: Callable[[list[int]], Awaitable[object]]) -> int:
         """Invalidate (with ``invalidate``) what batches committed at least ``older_than_s`` ago
@@ -153,10 +224,18 @@ class Store:
 
     async def ping(self) -> None:
         """Raise ``Unavailable`` unless Postgres answers a query."""
-        async with self._session() as conn:
+        async with self._lock, self._session() as conn:
             await conn.execute("SELECT 1")
 
     async def aclose(self) -> None:
+        settling, self._settling = self._settling, None
+        if settling is not None:
+            settling.cancel()
+            await asyncio.gather(settling, return_exceptions=True)
+        try:
+            await self._settle_now()  # what is done need not be invalidated again by the sweep
+        except Unavailable as exc:
+            log.warning("invalidation outbox not cleared at close: %s", exc)
         await self._discard()
 
     async def __aenter__(self) -> Store:

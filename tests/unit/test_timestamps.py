@@ -201,3 +201,28 @@ def test_arbitrary_text_parses_or_raises_value_error(text: str) -> None:
     except ValueError:
         return
     assert parsed.tzinfo is UTC
+
+
+_RFC3339_SHAPED = st.from_regex(
+    r"\A[0-9]{4}-[0-9]{2}-[0-9]{2}[Tt ][0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,12})?([Zz]|[+-][0-9]{2}:[0-9]{2})\Z"
+)
+
+
+@given(st.one_of(_RFC3339_SHAPED, aware.map(format_rfc3339)))
+def test_the_fast_rfc3339_path_agrees_with_the_grammar(text: str) -> None:
+    """Whatever the C parser accepts inside the grammar gives the instant the grammar's own reading gives."""
+    from indexer.timestamps import _RFC3339, _from_rfc3339
+
+    match = _RFC3339.fullmatch(text)
+    assert match is not None
+    try:
+        expected: datetime | str = _from_rfc3339(match)
+    except ValueError as exc:
+        expected = str(exc)
+    try:
+        got: datetime | str = parse_timestamp(text)
+    except ValueError as exc:
+        got = str(exc)
+    assert got == expected
+    if isinstance(got, datetime):
+        assert got.tzinfo is UTC

@@ -1,9 +1,10 @@
--- Delete every cached key of one organization and move its epoch on, atomically.
--- KEYS[1] epoch   KEYS[2] index
--- ARGV[1] the organization's namespace "<prefix>:{<org>}:"   ARGV[2] a fresh random epoch
+-- Delete every cached key of some organizations and move each one's epoch on, atomically.
+-- Per organization i (1-based), two keys and two arguments:
+--   KEYS[2i-1] its epoch   KEYS[2i] its index
+--   ARGV[2i-1] its namespace "<prefix>:{<org>}:"   ARGV[2i] a fresh random epoch
+-- One organization per call on a Redis Cluster (each has a slot of its own); on a single server
+-- one call carries many, which is most of what invalidating a batch costs the caller.
 -- Returns the number of data keys deleted.
-local namespace = ARGV[1]
-local width = #namespace
 local deleted = 0
 local batch = {}
 -- unpack() is limited by the Lua C stack (~8000), so delete in chunks.
@@ -13,23 +14,28 @@ local function flush()
     batch = {}
   end
 end
-for _, key in ipairs(redis.call('SMEMBERS', KEYS[2])) do
-  -- Only names inside the namespace: a damaged index can never make us touch a foreign key, and
-  -- every key deleted shares the slot of KEYS (Redis Cluster).
-  if string.sub(key, 1, width) == namespace then
-    batch[#batch + 1] = key
-    if #batch == 1000 then
-      flush()
+for i = 1, #KEYS / 2 do
+  local epoch, index = KEYS[2 * i - 1], KEYS[2 * i]
+  local namespace = ARGV[2 * i - 1]
+  local width = #namespace
+  for _, key in ipairs(redis.call('SMEMBERS', index)) do
+    -- Only names inside the namespace: a damaged index can never make us touch a foreign key, and
+    -- every key deleted shares the slot of this organization's KEYS (Redis Cluster).
+    if string.sub(key, 1, width) == namespace then
+      batch[#batch + 1] = key
+      if #batch == 1000 then
+        flush()
+      end
     end
   end
-end
-flush()
-redis.call('UNLINK', KEYS[2])
--- Epoch last: on a full server with noeviction INCR is refused, but the deletes above have freed
--- memory by then, so the caller's retry can get through.
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  redis.call('INCR', KEYS[1])
-else
-  redis.call('SET', KEYS[1], ARGV[2])
+  flush()
+  redis.call('UNLINK', index)
+  -- Epoch last: on a full server with noeviction INCR is refused, but the deletes above have freed
+  -- memory by then, so the caller's retry can get through.
+  if redis.call('EXISTS', epoch) == 1 then
+    redis.call('INCR', epoch)
+  else
+    redis.call('SET', epoch, ARGV[2 * i])
+  end
 end
 return deleted

@@ -1,17 +1,27 @@
--- Index a key of an organization's namespace that the fill helper did not necessarily write (the
+-- Index keys of organizations' namespaces that the fill helper did not necessarily write (the
 -- key tracker, tracker.py): fill.lua's bookkeeping, without writing a value.
--- KEYS[1] index   KEYS[2] data key (inside the index's namespace, checked by the caller)
--- Returns 1 if the key exists (and is now indexed), 0 if it is already gone.
-local key_ttl_ms = redis.call('PTTL', KEYS[2])  -- -2 missing, -1 no expiry
-if key_ttl_ms == -2 then
-  return 0  -- deleted meanwhile (e.g. by an invalidation): nothing left to delete
+-- KEYS[2i-1] an index   KEYS[2i] a data key inside that index's namespace (checked by the caller)
+-- On a single server one call indexes many keys, and KEYS[2n+1], when there, is the registry:
+-- ARGV (the keys' organizations) are added to it first, registered before indexed as the
+-- readers do.  On a Redis Cluster one call per key (each organization has a slot of its own).
+-- Returns the number of keys that exist (and are now indexed); a key already gone is skipped.
+if #KEYS % 2 == 1 then
+  redis.call('SADD', KEYS[#KEYS], unpack(ARGV))
 end
-local index_ttl_ms = redis.call('PTTL', KEYS[1])
-redis.call('SADD', KEYS[1], KEYS[2])
--- The index must outlive every member, or invalidation would lose track of them.
-if key_ttl_ms == -1 then
-  redis.call('PERSIST', KEYS[1])
-elseif index_ttl_ms == -2 or (index_ttl_ms >= 0 and index_ttl_ms < key_ttl_ms) then
-  redis.call('PEXPIRE', KEYS[1], key_ttl_ms)
+local indexed = 0
+for i = 1, math.floor(#KEYS / 2) do
+  local index, key = KEYS[2 * i - 1], KEYS[2 * i]
+  local key_ttl_ms = redis.call('PTTL', key)  -- -2 missing, -1 no expiry
+  if key_ttl_ms ~= -2 then  -- (-2: deleted meanwhile, e.g. by an invalidation: nothing to delete)
+    local index_ttl_ms = redis.call('PTTL', index)
+    redis.call('SADD', index, key)
+    -- The index must outlive every member, or invalidation would lose track of them.
+    if key_ttl_ms == -1 then
+      redis.call('PERSIST', index)
+    elseif index_ttl_ms == -2 or (index_ttl_ms >= 0 and index_ttl_ms < key_ttl_ms) then
+      redis.call('PEXPIRE', index, key_ttl_ms)
+    end
+    indexed = indexed + 1
+  end
 end
-return 1
+return indexed

@@ -7,6 +7,7 @@ read through ``indexer.readmodel.source.SourceSession``, whose module doc says h
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import sys
 from collections.abc import Iterable
@@ -26,11 +27,13 @@ from indexer.readmodel.connection import connection_options
 from indexer.readmodel.migrate import migrate_async
 from indexer.readmodel.source import Source, SourceSession, normalized, source_errors
 from indexer.readmodel.source import source_connection_options as source_connection_options  # re-exported
+from indexer.readmodel.source_run import SourceRun
 from indexer.retry import retry_transient
 
 log = logging.getLogger(__name__)
 
 _CONNECT_TIMEOUT_S = 5
+_COPY_BLOCK_BYTES = 256 * 1024
 _CONFLICT_ATTEMPTS = 5  # a chunk aborted by Postgres (e.g. a standby's recovery conflict) is re-read
 
 
@@ -39,20 +42,13 @@ class Invalidator(Protocol):
     async def invalidate(self, orgs: Iterable[int]) -> int: ...
 
 
-@dataclass(frozen=True, slots=True)
-class Options:
-    source_url: str
+@dataclass(frozen=True, slots=True, kw_only=True)
+class Options(SourceRun):
     target_url: str
-    schema: str
-    query: str | None = None
-    """None: the default source, ``public.mentions``."""
-    organizations: tuple[int, ...] = ()
     batch_size: int = 10_000
     prune: bool = False
     resume: bool = False
     dry_run: bool = False
-    retry_initial_s: float = 0.2
-    retry_max_s: float = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,19 +143,33 @@ class _Run:
                 row = await cursor.fetchone()
         progress = Progress("backfill", row[0] if row else None, progress_stream)
         total = Counts()
+        # A chunk's invalidation runs while the next chunk is read and merged (Redis beside
+        # Postgres); until it is done its organizations stay pending in every checkpoint written.
+        invalidating: asyncio.Task[None] | None = None
+        in_flight: frozenset[int] = frozenset()
         try:
             while True:
-                counts, after, final = await self._chunk_retrying(name, description, after)
+                counts, after, final = await self._chunk_retrying(name, description, after, in_flight)
                 total.add(counts)
                 progress.advance(counts.read)
+                if invalidating is not None:
+                    await invalidating
+                    invalidating, in_flight = None, frozenset()
                 if not options.dry_run and counts.organizations:
-                    await self._invalidate(counts.organizations)
+                    in_flight = frozenset(counts.organizations)
+                    invalidating = asyncio.create_task(self._invalidate(in_flight), name="backfill-invalidation")
                 if final:
                     break
+            if invalidating is not None:
+                await invalidating
+                invalidating = None
             if not options.dry_run:
                 with target_errors(options.target_url, options.schema):
                     await self._target.clear_pending(name)
         finally:
+            if invalidating is not None:  # the run failed: what it owes stays pending in the checkpoint
+                invalidating.cancel()
+                await asyncio.gather(invalidating, return_exceptions=True)
             progress.close()
         return Report(total, progress.elapsed_s, options.dry_run, resumed_after)
 
@@ -172,19 +182,24 @@ class _Run:
             max_s=self._options.retry_max_s,
         )
 
-    async def _chunk_retrying(self, name: str, description: str, after: int | None) -> tuple[Counts, int | None, bool]:
+    async def _chunk_retrying(
+        self, name: str, description: str, after: int | None, owed: frozenset[int]
+    ) -> tuple[Counts, int | None, bool]:
         for attempt in range(1, _CONFLICT_ATTEMPTS + 1):
             try:
-                return await self._chunk(name, description, after)
+                return await self._chunk(name, description, after, owed)
             except Conflict as exc:
                 if attempt == _CONFLICT_ATTEMPTS:
                     raise
                 log.warning("chunk after mention %s aborted (attempt %d), reading it again: %s", after, attempt, exc)
         raise AssertionError("unreachable")
 
-    async def _chunk(self, name: str, description: str, after: int | None) -> tuple[Counts, int | None, bool]:
+    async def _chunk(
+        self, name: str, description: str, after: int | None, owed: frozenset[int]
+    ) -> tuple[Counts, int | None, bool]:
         """Read, merge and (unless a dry run) commit the rows after ``after``; the chunk's counts,
-        the mention to continue after, and whether this was the last chunk."""
+        the mention to continue after, and whether this was the last chunk.  ``owed``: the
+        organizations of an invalidation not known to be done, kept pending with this chunk's."""
         options, source, target = self._options, self._source, self._target
         with source_errors(options.source_url):
             async with self._src.transaction():
@@ -213,14 +228,21 @@ class _Run:
                             after = last
                         if not options.dry_run:
                             completed_at = datetime.now(UTC) if final else None
-                            await target.record(
-                                name, description, after, snapshot_at, sorted(counts.organizations), completed_at
-                            )
+                            pending = sorted(counts.organizations | owed)
+                            await target.record(name, description, after, snapshot_at, pending, completed_at)
         return counts, after, final
 
     async def _copy(self, rows: sql.Composable) -> None:
         """Stream ``rows`` from the source into the staging table, binary and unparsed."""
         async with self._tgt.cursor().copy(COPY_INTO_STAGING) as into:
             async with aclosing(self._session.copy_out(rows)) as chunks:
+                # The source hands over one row at a time: written in blocks, the relay costs a
+                # call per block instead of one per row.
+                block = bytearray()
                 async for data in chunks:
-                    await into.write(data)
+                    block += data
+                    if len(block) >= _COPY_BLOCK_BYTES:
+                        await into.write(block)
+                        block = bytearray()
+                if block:
+                    await into.write(block)

@@ -75,16 +75,16 @@ changing AS (
     )
 ),
 written AS ({merge})
-SELECT w.mention_id, w.version = i.version, i.pruned, w.organization_id, w.previous_organization_id
+SELECT true, w.mention_id, w.version = i.version, i.pruned, w.organization_id, w.previous_organization_id
 FROM written AS w JOIN incoming AS i USING (mention_id)
-"""
-
-# After the merge (same transaction; the merge locked every conflicting row): why the rows it
-# did not write were left alone.
-_NOT_WRITTEN = """
-SELECT count(*) FILTER (WHERE m.version > i.version), count(*)
-FROM ({incoming}) AS i JOIN {mentions} AS m USING (mention_id)
-WHERE NOT (i.mention_id = ANY(%s::bigint[])) AND {staged_range}
+UNION ALL
+-- Why the rows it did not write were left alone, in the same statement (incoming is computed
+-- once): the stored row is newer (stale), or the same (unchanged).  It reads the statement's
+-- snapshot, which for a row the merge did not write is the row as stored, but for concurrent
+-- writes committed meanwhile (which only move a row between these two counts).
+SELECT false, count(*) FILTER (WHERE m.version > i.version), NULL, NULL, count(*), NULL
+FROM incoming AS i JOIN {mentions} AS m USING (mention_id)
+WHERE {staged_range} AND i.mention_id NOT IN (SELECT mention_id FROM written)
 """
 
 _STAGED = "SELECT count(*), max(mention_id), count(*) - count(DISTINCT mention_id) FROM backfill_rows"
@@ -157,9 +157,6 @@ class Target:
             changes=changes_a_field("c", "m"),
             merge=merge,
         )
-        self._not_written = sql.SQL(_NOT_WRITTEN).format(
-            incoming=incoming, mentions=mentions, staged_range=staged_range
-        )
         self._mentions = mentions
         self._checkpoints = sql.Identifier(schema, "backfill_checkpoints")
 
@@ -211,9 +208,19 @@ class Target:
         the end of the transaction."""
         counts = Counts()
         cursor = await self._conn.execute(self._merge, binary=True)
-        written = []
-        for mention_id, advanced, pruned, organization_id, previous_organization_id in await cursor.fetchall():
-            written.append(mention_id)
+        for (
+            was_written,
+            mention_id,
+            advanced,
+            pruned,
+            organization_id,
+            previous_organization_id,
+        ) in await cursor.fetchall():
+            if not was_written:  # the one row of the rows it did not write
+                stale, not_written = mention_id, organization_id
+                counts.stale += stale
+                counts.unchanged += not_written - stale
+                continue
             if previous_organization_id is None:
                 counts.inserted += 1
             elif not advanced:
@@ -225,10 +232,6 @@ class Target:
             counts.organizations.add(organization_id)
             if previous_organization_id is not None:
                 counts.organizations.add(previous_organization_id)
-        cursor = await self._conn.execute(self._not_written, (written,), binary=True)
-        stale, not_written = await cursor.fetchone() or (0, 0)
-        counts.stale += stale
-        counts.unchanged += not_written - stale
         counts.organizations.discard(0)  # the placeholder of a tombstone without organization
         return counts
 
