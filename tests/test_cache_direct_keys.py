@@ -60,6 +60,40 @@ async def test_key_set_right_before_invalidate_is_deleted(
     assert_untouched(admin, outsiders)
 
 
+async def test_a_key_indexed_only_after_the_deletes_is_deleted_after_the_barrier(
+    invalidator: CacheInvalidator, admin: redis.Redis, prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deletes run beside the barrier: a direct key whose event is read late, once they have
+    run, makes its organization be invalidated again when the barrier is through."""
+    tracker = invalidator.tracker
+    assert isinstance(tracker, cache_tracker.KeyTracker) and tracker.active is True
+    release = asyncio.Event()
+    subscription = tracker._sub
+    assert subscription is not None
+    real_track = subscription._track
+
+    async def late_track(keys: list[cache_tracker.Tracked]) -> None:
+        await release.wait()  # the tracker is slow to index what it was told
+        await real_track(keys)
+
+    monkeypatch.setattr(subscription, "_track", late_track)
+    epoch = cache.epoch_key(prefix, 42)
+    before = admin.get(epoch)
+    name = f"{prefix}:{{42}}:late"
+    admin.set(name, b"direct")
+    invalidating = asyncio.create_task(invalidator.invalidate([42]))
+    # The first delete ran (the epoch moved) while the key was not indexed yet.
+    await eventually(lambda: _changed(admin, epoch, before), timeout_s=5, interval_s=0.005, what="the first delete")
+    assert admin.exists(name) == 1 and not invalidating.done()
+    release.set()
+    assert await asyncio.wait_for(invalidating, 5) == 1
+    assert admin.exists(name) == 0
+
+
+async def _changed(admin: redis.Redis, key: str, before: bytes | None) -> bool:
+    return admin.get(key) != before
+
+
 async def test_many_direct_keys_and_concurrent_invalidations(
     invalidator: CacheInvalidator, admin: redis.Redis, prefix: str, outsiders: list[str]
 ) -> None:

@@ -114,8 +114,24 @@ class CacheInvalidator(OwnedAsyncClient):
         made again."""
         unique = sorted({check_organization_id(org) for org in orgs})
         await self._connected()
+        if isinstance(self.tracker, KeyTracker) and self.tracker.active:
+            return await self._delete_beside_barrier(self.tracker, unique)
         await self.tracker.barrier()
         return await self._delete(unique)
+
+    async def _delete_beside_barrier(self, tracker: KeyTracker, unique: list[int]) -> int:
+        """The deletes and the tracker's barrier at once, one round trip instead of two on every
+        batch's path.  A key created before this call whose event the tracker had not read yet may
+        be indexed only after the deletes ran: its organization is then invalidated once more,
+        after the barrier, when every such key is indexed."""
+        with tracker.watching() as indexed_meanwhile:
+            deleted, barrier = await asyncio.gather(self._delete(unique), tracker.barrier(), return_exceptions=True)
+        for outcome in (barrier, deleted):
+            if isinstance(outcome, BaseException):
+                raise outcome
+        assert isinstance(deleted, int)
+        again = sorted(indexed_meanwhile.intersection(unique))
+        return deleted + (await self._delete(again) if again else 0)
 
     async def _delete(self, unique: list[int]) -> int:
         if self._nodes is not None:

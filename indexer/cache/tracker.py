@@ -48,6 +48,7 @@ import logging
 import math
 import re
 import secrets
+from contextlib import contextmanager
 from typing import TYPE_CHECKING, Literal
 
 import redis.asyncio
@@ -62,7 +63,7 @@ from indexer.errors import ConfigError, Unavailable
 from indexer.redact import mask_url
 
 if TYPE_CHECKING:
-    from collections.abc import Awaitable, Callable
+    from collections.abc import Awaitable, Callable, Iterator
 
 log = logging.getLogger(__name__)
 
@@ -284,6 +285,7 @@ class KeyTracker(Tracking):
         self._channel_head = f"__keyspace@{self._db}__:".encode()
         self._pattern = data_key_pattern(prefix)
         self._sub: _Subscription | None = None
+        self._windows: list[set[int]] = []
         self._starting: asyncio.Task[None] | None = None
         self._register = register
         self._lost = lost
@@ -495,6 +497,17 @@ class KeyTracker(Tracking):
         """``(org, key)`` for ``P:{<canonical decimal org>}:<anything>``; None for anything else."""
         return parse_data_key(self._prefix, key)
 
+    @contextmanager
+    def watching(self) -> Iterator[set[int]]:
+        """The organizations whose keys get indexed while the block runs (see
+        ``CacheInvalidator.invalidate``: deletes beside the barrier, not after it)."""
+        window: set[int] = set()
+        self._windows.append(window)
+        try:
+            yield window
+        finally:
+            self._windows.remove(window)
+
     async def _track(self, keys: list[Tracked]) -> None:
         orgs = sorted({org for org, _ in keys})
         # Registered before indexed, as the readers do, so invalidate_all finds every org.
@@ -503,11 +516,15 @@ class KeyTracker(Tracking):
             async with self._client.pipeline(transaction=False) as pipe:
                 for org, key in keys:
                     await self._script(keys=[index_key(self._prefix, org), key], client=pipe)
-                await pipe.execute()
-            return
-        # A single server: one script, the registry included (a pipeline of scripts would first
-        # ask SCRIPT EXISTS, a round trip more on every key a service fills).
-        pairs: list[str | bytes] = []
-        for org, key in keys:
-            pairs += (index_key(self._prefix, org), key)
-        await self._script(keys=[*pairs, self._registry], args=orgs, client=self._client)
+                added = [i for i, positions in enumerate(await pipe.execute()) if positions]
+        else:
+            # A single server: one script, the registry included (a pipeline of scripts would first
+            # ask SCRIPT EXISTS, a round trip more on every key a service fills).
+            pairs: list[str | bytes] = []
+            for org, key in keys:
+                pairs += (index_key(self._prefix, org), key)
+            positions = await self._script(keys=[*pairs, self._registry], args=orgs, client=self._client)
+            added = [int(position) - 1 for position in positions]
+        # Keys new to their index (not the fill helper's) are the only ones a delete may have missed.
+        for window in self._windows:
+            window.update(keys[i][0] for i in added)

@@ -103,17 +103,21 @@ class Session:
             raise SessionLost("rabbitmq", settings.amqp_url, str(exc) or type(exc).__name__) from None
         log.info("consuming from queue %s (prefetch %d)", settings.queue, settings.prefetch)
 
+    def _lost_now(self) -> None:
+        self._lost.set()
+        self._arrived.set()  # wakes a wait for deliveries, which then sees the loss
+
     def _on_close(self, _sender: Any, exc: BaseException | None = None) -> None:
         if not self._lost.is_set():
             log.warning("rabbitmq session closed: %s", exc or "closed")
             if exc is not None and self._node is not None:  # not our own close: try another node next
                 node_failed(self._settings.amqp_url, self._node)
-        self._lost.set()
+        self._lost_now()
 
     def _on_consumer_cancelled(self, _frame: Any) -> None:
         if not self._lost.is_set():
             log.warning("rabbitmq cancelled our consumer (was queue %s deleted?)", self._settings.queue)
-        self._lost.set()
+        self._lost_now()
 
     async def _receive(self, message: DeliveredMessage) -> None:
         deliver, properties = message.delivery, message.header.properties
@@ -167,19 +171,17 @@ class Session:
         return batch
 
     async def _wait_for_delivery(self, timeout_s: float | None) -> bool:
-        # Waits on events, never on a get: cancelling an event wait cannot swallow a delivery,
-        # and a swallowed delivery would later be acked unprocessed by a multiple=True ack.
+        # Waits on an event, never on a get: cancelling an event wait cannot swallow a delivery,
+        # and a swallowed delivery would later be acked unprocessed by a multiple=True ack.  A
+        # loss sets the same event (``_lost_now``), so one wait sees either.
         while not self._inbox:
             if self._lost.is_set():
                 raise SessionLost("rabbitmq", self._settings.amqp_url, "connection lost")
             self._arrived.clear()
-            waiters = {asyncio.ensure_future(self._arrived.wait()), asyncio.ensure_future(self._lost.wait())}
             try:
-                done, _ = await asyncio.wait(waiters, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for waiter in waiters:
-                    waiter.cancel()
-            if not done:
+                async with asyncio.timeout(timeout_s):
+                    await self._arrived.wait()
+            except TimeoutError:
                 return False
         return True
 
@@ -228,7 +230,7 @@ class Session:
         except aio_pika.exceptions.PublishError:
             # Routed nowhere: end the session; the next one declares the DLQ again and the batch,
             # unacknowledged, is redelivered and dead-lettered there.
-            self._lost.set()
+            self._lost_now()
             raise SessionLost(
                 "rabbitmq", self._settings.amqp_url, f"dead-letter queue {self._settings.dlq} is missing"
             ) from None
@@ -276,7 +278,7 @@ class Session:
 
     async def close(self) -> None:
         connection, self._connection = self._connection, None
-        self._lost.set()
+        self._lost_now()
         if connection is not None and not connection.is_closed:
             try:
                 # Bounded by the service's stop budget, which cancels this wait when it is spent.
