@@ -20,6 +20,10 @@ Only reading, whatever the query (the operator's SQL):
 * every statement that contains the query is first sent as a prepared statement (psycopg's
   ``prepare=True``: the extended protocol, whose Parse takes exactly one statement), so a query
   that closes our wrapping to stack statements of its own is refused before anything runs;
+* with source and read model in one database the chunk is inserted into the backfill's TEMP
+  staging table by the read model's own session (``read_into``), in a REPEATABLE READ, READ ONLY
+  transaction of that session, prepared, lexing checked: Postgres lets a read-only transaction
+  write TEMP tables and nothing else;
 * a COPY cannot be prepared (psycopg sends it over the simple protocol, which runs every
   statement of its text), so each COPY text is the prepared, checked statement wrapped in
   ``COPY (…) TO STDOUT``.  Postgres parses a whole text before running any of it, so that COPY
@@ -272,6 +276,37 @@ def _in_ranges(alias: str, ranges: Sequence[tuple[int, int]]) -> sql.Composable:
         for lo, hi in ranges
     ]
     return sql.SQL("({})").format(sql.SQL(" OR ").join(terms))
+
+
+async def read_into(conn: psycopg.AsyncConnection, rows: sql.Composed, into: sql.Composable) -> datetime:
+    """Source and read model in one database: insert ``rows`` (a statement ``SourceSession.open``
+    checked) into the TEMP table ``into`` on ``conn``, the read model's own session, so nothing
+    passes through Python.  It runs as the module doc says the source is read: one REPEATABLE
+    READ, READ ONLY transaction (Postgres lets it write TEMP tables and nothing else), prepared,
+    with the lexing settings checked after it, timestamps without zone read as UTC.  Returns the
+    transaction's time, the snapshot's (its first statement takes the snapshot)."""
+    before = await (await conn.execute(LEXING)).fetchone()
+    await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
+    await conn.set_read_only(True)
+    try:
+        async with conn.transaction():
+            cursor = await conn.execute("SELECT transaction_timestamp()")
+            row = await cursor.fetchone()
+            assert row is not None
+            await conn.execute("SET LOCAL TIME ZONE 'UTC'")
+            await conn.execute(sql.SQL("INSERT INTO {} {}").format(into, rows), prepare=True)
+            after = await (await conn.execute(LEXING)).fetchone()
+            if after != before:
+                raise ConfigError(
+                    f"{ONLY_READS}; it changes how SQL text is read"
+                    f" (standard_conforming_strings, client_encoding: {before} -> {after})"
+                )
+    finally:
+        if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
+            await conn.set_read_only(None)
+            await conn.set_isolation_level(None)
+    snapshot_at: datetime = row[0]
+    return snapshot_at
 
 
 class SourceSession:

@@ -4,7 +4,8 @@ How a run goes
     The source query (default ``public.mentions``) is read in keyset chunks of ``--batch-size``
     rows by mention_id, each chunk in its own REPEATABLE READ, read-only transaction of the
     source, so no transaction stays open for the whole table.  A chunk is streamed with binary
-    COPY, unparsed, into a TEMP staging table of the read model's database and merged by ONE
+    COPY, unparsed, into a TEMP staging table of the read model's database (with source and read
+    model in one database, inserted there in SQL instead: ``source.read_into``) and merged by ONE
     set-based statement, the live path's (``indexer.readmodel.merge``), so it obeys the same ordering rule
     (docs/ordering.md) and can run while the live stream flows.  The chunk commits together with its
     checkpoint (``<schema>.backfill_checkpoints``, named by a hash of the source URL without

@@ -16,12 +16,10 @@ from indexer.redact import mask_url
 
 
 @contextmanager
-def target_errors(url: str, schema: str) -> Iterator[None]:
-    """As ``source_errors`` for the read model; a violation on the staging table means a bad
-    source row, a missing relation a read model that was never migrated."""
+def staging_errors() -> Iterator[None]:
+    """A violation on the staging table means a bad source row, whoever staged it."""
     try:
-        with read_model_required(url, schema):
-            yield
+        yield
     except pg.CardinalityViolation:
         raise ConfigError("the source query returns a mention_id more than once; it must be unique") from None
     except pg.CheckViolation:
@@ -30,6 +28,15 @@ def target_errors(url: str, schema: str) -> Iterator[None]:
         ) from None
     except pg.NotNullViolation:
         raise ConfigError("the source query returned a row whose mention_id is NULL") from None
+
+
+@contextmanager
+def target_errors(url: str, schema: str) -> Iterator[None]:
+    """As ``source_errors`` for the read model; a violation on the staging table means a bad
+    source row, a missing relation a read model that was never migrated."""
+    try:
+        with read_model_required(url, schema), staging_errors():
+            yield
     except psycopg.DataError as exc:
         raise ConfigError(f"the source query returned a value the read model cannot take: {pg_message(exc)}") from None
     except psycopg.Error as exc:

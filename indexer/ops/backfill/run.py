@@ -8,6 +8,7 @@ read through ``indexer.readmodel.source.SourceSession``, whose module doc says h
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import sys
 from collections.abc import Iterable
@@ -20,12 +21,12 @@ import psycopg
 from psycopg import sql
 
 from indexer.errors import Conflict
-from indexer.ops.backfill.errors import target_errors
-from indexer.ops.backfill.target import COPY_INTO_STAGING, Counts, Target
+from indexer.ops.backfill.errors import staging_errors, target_errors
+from indexer.ops.backfill.target import COPY_INTO_STAGING, STAGING_INTO, Counts, Target
 from indexer.ops.progress import Progress
 from indexer.readmodel.connection import connection_options
 from indexer.readmodel.migrate import migrate_async
-from indexer.readmodel.source import Source, SourceSession, normalized, source_errors
+from indexer.readmodel.source import Source, SourceSession, normalized, read_into, source_errors
 from indexer.readmodel.source import source_connection_options as source_connection_options  # re-exported
 from indexer.readmodel.source_run import SourceRun
 from indexer.retry import retry_transient
@@ -111,6 +112,8 @@ class _Run:
         self._cache = cache
         self._source: Source
         self._target: Target
+        # The same URL: the same database and role, so the read model's session can read it too.
+        self._in_place = options.source_url == options.target_url
 
     async def all(self, progress_stream: TextIO) -> Report:
         options = self._options
@@ -201,16 +204,29 @@ class _Run:
         the mention to continue after, and whether this was the last chunk.  ``owed``: the
         organizations of an invalidation not known to be done, kept pending with this chunk's."""
         options, source, target = self._options, self._source, self._target
+        with target_errors(options.target_url, options.schema):
+            await target.clear_staging()
+        # One database: the chunk goes from the source query into the staging table in SQL.  A
+        # scoped prune looks moved mentions up in the chunk's snapshot, which only the source
+        # session holds: that case relays.
+        in_place = self._in_place and not (options.prune and source.organizations)
+        staged_at: datetime | None = None
+        if in_place:
+            with source_errors(options.source_url), staging_errors():
+                staged_at = await read_into(self._tgt, source.chunk(after, options.batch_size), STAGING_INTO)
         with source_errors(options.source_url):
-            async with self._src.transaction():
-                # The first statement takes the snapshot; its transaction started just before.
-                cursor = await self._src.execute("SELECT transaction_timestamp()")
-                row = await cursor.fetchone()
-                assert row is not None
-                snapshot_at: datetime = row[0]
+            async with contextlib.nullcontext() if in_place else self._src.transaction():
+                if staged_at is None:
+                    # The first statement takes the snapshot; its transaction started just before.
+                    cursor = await self._src.execute("SELECT transaction_timestamp()")
+                    row = await cursor.fetchone()
+                    assert row is not None
+                    staged_at = row[0]
+                snapshot_at: datetime = staged_at
                 with target_errors(options.target_url, options.schema):
                     async with self._tgt.transaction(force_rollback=options.dry_run):
-                        await self._copy(source.chunk(after, options.batch_size))
+                        if not in_place:
+                            await self._copy(source.chunk(after, options.batch_size))
                         read, last = await target.staged()
                         final = read < options.batch_size
                         # The chunk covers (after, last]; the last one also the tail after it.

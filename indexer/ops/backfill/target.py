@@ -30,8 +30,15 @@ CREATE TEMP TABLE IF NOT EXISTS backfill_rows (
     -- A tombstone for a read-model row the source no longer has (--prune).
     pruned                boolean     NOT NULL DEFAULT false,
     CONSTRAINT present_rows_have_an_organization CHECK (deleted OR nullif(organization_id, 0) IS NOT NULL)
-) ON COMMIT DELETE ROWS
+) ON COMMIT PRESERVE ROWS
 """
+# Kept across commits: with source and read model in one database a chunk is staged in a read-only
+# transaction of its own before the one that merges it (``source.read_into``); emptied before each
+# chunk instead.
+
+STAGING_INTO = sql.SQL(
+    "pg_temp.backfill_rows (mention_id, organization_id, mention_date, transaction_timestamp, deleted)"
+)
 
 COPY_INTO_STAGING = sql.SQL(
     "COPY backfill_rows (mention_id, organization_id, mention_date, transaction_timestamp, deleted)"
@@ -162,6 +169,10 @@ class Target:
 
     async def prepare(self) -> None:
         await self._conn.execute(_CREATE_STAGING)
+
+    async def clear_staging(self) -> None:
+        """Before each chunk (and each attempt of it): what a failed or rolled-back one left."""
+        await self._conn.execute("TRUNCATE pg_temp.backfill_rows")
 
     async def lock(self, name: str) -> None:
         """Hold the run's name for this session, so two runs never share a checkpoint.  Waits a
