@@ -86,6 +86,7 @@ UNION ALL SELECT 'owed', id, NULL, NULL, NULL FROM owed
 """
 # Settled rows wait for the next batch's statement this long at most, then go on their own.
 SETTLE_ALONE_AFTER_S = 1.0
+SETTLE_AT_CLOSE_S = 1.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -232,10 +233,14 @@ class Store:
         if settling is not None:
             settling.cancel()
             await asyncio.gather(settling, return_exceptions=True)
-        try:
-            await self._settle_now()  # what is done need not be invalidated again by the sweep
-        except Unavailable as exc:
-            log.warning("invalidation outbox not cleared at close: %s", exc)
+        # What is done need not be invalidated again by the sweep; but only over a connection that
+        # is up, and briefly: a close during an outage must not spend the stop budget connecting.
+        if self._unsettled and self._conn is not None and not self._conn.closed:
+            try:
+                async with asyncio.timeout(SETTLE_AT_CLOSE_S):
+                    await self._settle_now()
+            except (Unavailable, TimeoutError) as exc:
+                log.warning("invalidation outbox not cleared at close (the sweep will): %s", exc or "timed out")
         await self._discard()
 
     async def __aenter__(self) -> Store:
