@@ -278,6 +278,29 @@ def _in_ranges(alias: str, ranges: Sequence[tuple[int, int]]) -> sql.Composable:
     return sql.SQL("({})").format(sql.SQL(" OR ").join(terms))
 
 
+async def _lexing(conn: psycopg.AsyncConnection) -> tuple[Any, ...] | None:
+    return await (await conn.execute(LEXING)).fetchone()
+
+
+async def _lexing_unchanged(conn: psycopg.AsyncConnection, before: tuple[Any, ...] | None) -> None:
+    """``ConfigError`` unless ``conn`` still reads SQL text as it did (module doc)."""
+    now = await _lexing(conn)
+    if now != before:
+        raise ConfigError(
+            f"{ONLY_READS}; it changes how SQL text is read"
+            f" (standard_conforming_strings, client_encoding: {before} -> {now})"
+        )
+
+
+async def _transaction_time(conn: psycopg.AsyncConnection) -> datetime:
+    """``transaction_timestamp()``; as a transaction's first statement, it also takes the snapshot."""
+    cursor = await conn.execute("SELECT transaction_timestamp()")
+    row = await cursor.fetchone()
+    assert row is not None
+    at: datetime = row[0]
+    return at
+
+
 async def read_into(conn: psycopg.AsyncConnection, rows: sql.Composed, into: sql.Composable) -> datetime:
     """Source and read model in one database: insert ``rows`` (a statement ``SourceSession.open``
     checked) into the TEMP table ``into`` on ``conn``, the read model's own session, so nothing
@@ -285,27 +308,19 @@ async def read_into(conn: psycopg.AsyncConnection, rows: sql.Composed, into: sql
     READ, READ ONLY transaction (Postgres lets it write TEMP tables and nothing else), prepared,
     with the lexing settings checked after it, timestamps without zone read as UTC.  Returns the
     transaction's time, the snapshot's (its first statement takes the snapshot)."""
-    before = await (await conn.execute(LEXING)).fetchone()
+    before = await _lexing(conn)
     await conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
     await conn.set_read_only(True)
     try:
         async with conn.transaction():
-            cursor = await conn.execute("SELECT transaction_timestamp()")
-            row = await cursor.fetchone()
-            assert row is not None
+            snapshot_at = await _transaction_time(conn)
             await conn.execute("SET LOCAL TIME ZONE 'UTC'")
             await conn.execute(sql.SQL("INSERT INTO {} {}").format(into, rows), prepare=True)
-            after = await (await conn.execute(LEXING)).fetchone()
-            if after != before:
-                raise ConfigError(
-                    f"{ONLY_READS}; it changes how SQL text is read"
-                    f" (standard_conforming_strings, client_encoding: {before} -> {after})"
-                )
+            await _lexing_unchanged(conn, before)
     finally:
         if conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE:
             await conn.set_read_only(None)
             await conn.set_isolation_level(None)
-    snapshot_at: datetime = row[0]
     return snapshot_at
 
 
@@ -337,7 +352,7 @@ class SourceSession:
             await self.conn.execute("SET TIME ZONE 'UTC'")
             await self.conn.set_isolation_level(psycopg.IsolationLevel.REPEATABLE_READ)
             await self.conn.set_read_only(True)  # every transaction() below: BEGIN ... READ ONLY
-            self._lexing = await (await self.conn.execute(LEXING)).fetchone()
+            self._lexing = await _lexing(self.conn)
             async with self.conn.transaction():
                 # Column names first, before anything is streamed or written.  (One statement,
                 # or its preparation refuses it: see the module doc.)
@@ -354,10 +369,7 @@ class SourceSession:
         taken by its first statement, which also takes the snapshot)."""
         with source_errors(self.url):
             async with self.conn.transaction():
-                cursor = await self.conn.execute("SELECT transaction_timestamp()")
-                row = await cursor.fetchone()
-                assert row is not None
-                yield row[0]
+                yield await _transaction_time(self.conn)
 
     async def checked(self, statement: sql.SQL | sql.Composed) -> psycopg.AsyncCursor[tuple[Any, ...]]:
         """Run a statement that contains the query as a prepared statement, then make sure it left
@@ -375,12 +387,7 @@ class SourceSession:
                 return await (await self.checked(statement)).fetchall()
 
     async def lexing_unchanged(self) -> None:
-        now = await (await self.conn.execute(LEXING)).fetchone()
-        if now != self._lexing:
-            raise ConfigError(
-                f"{ONLY_READS}; it changes how SQL text is read"
-                f" (standard_conforming_strings, client_encoding: {self._lexing} -> {now})"
-            )
+        await _lexing_unchanged(self.conn, self._lexing)
 
     async def copy_out(self, rows: sql.Composable) -> AsyncGenerator[bytes | bytearray | memoryview]:
         """``rows`` (a checked statement) as binary COPY data."""

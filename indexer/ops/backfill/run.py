@@ -215,14 +215,9 @@ class _Run:
             with source_errors(options.source_url), staging_errors():
                 staged_at = await read_into(self._tgt, source.chunk(after, options.batch_size), STAGING_INTO)
         with source_errors(options.source_url):
-            async with contextlib.nullcontext() if in_place else self._src.transaction():
-                if staged_at is None:
-                    # The first statement takes the snapshot; its transaction started just before.
-                    cursor = await self._src.execute("SELECT transaction_timestamp()")
-                    row = await cursor.fetchone()
-                    assert row is not None
-                    staged_at = row[0]
-                snapshot_at: datetime = staged_at
+            async with (
+                self._session.snapshot() if staged_at is None else contextlib.nullcontext(staged_at) as snapshot_at
+            ):
                 with target_errors(options.target_url, options.schema):
                     async with self._tgt.transaction(force_rollback=options.dry_run):
                         if not in_place:

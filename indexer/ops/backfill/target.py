@@ -36,14 +36,12 @@ CREATE TEMP TABLE IF NOT EXISTS backfill_rows (
 # transaction of its own before the one that merges it (``source.read_into``); emptied before each
 # chunk instead.
 
+# The staging table with the columns a source row fills, in the order ``source`` selects them.
 STAGING_INTO = sql.SQL(
     "pg_temp.backfill_rows (mention_id, organization_id, mention_date, transaction_timestamp, deleted)"
 )
 
-COPY_INTO_STAGING = sql.SQL(
-    "COPY backfill_rows (mention_id, organization_id, mention_date, transaction_timestamp, deleted)"
-    " FROM STDIN (FORMAT BINARY)"
-)
+COPY_INTO_STAGING = sql.SQL("COPY {} FROM STDIN (FORMAT BINARY)").format(STAGING_INTO)
 
 # Staged rows as the merge's incoming relation: a present row is an Insert, a deleted one a
 # Delete (the lowest and highest kinds: a live change in the same µs beats a present row, and
