@@ -55,6 +55,8 @@ from _common import (
     top_of_profile,
 )
 
+from indexer.readmodel.merge import merge_statement
+
 _SOURCE = """
 CREATE SCHEMA {schema};
 CREATE TABLE {table} (
@@ -83,41 +85,19 @@ WHERE id % 10 = 3;
 ANALYZE {table};
 """
 
-# The limit: the read model's guarded merge, all rows in one statement, in SQL only.
-_IN_SQL = """
-WITH written AS (
-INSERT INTO {mentions} AS m (
-    mention_id, version, transaction_timestamp, change_kind, deleted,
-    organization_id, organization_version, mention_date, mention_date_version)
-SELECT s.id, v.version, s.modified_at, k.kind, s.removed,
-       coalesce(nullif(s.org, 0), 0),
-       CASE WHEN nullif(s.org, 0) IS NULL THEN ''::bytea ELSE v.version END,
-       s.posted_at,
-       CASE WHEN s.posted_at IS NULL THEN ''::bytea ELSE v.version END
-FROM {source} AS s
-CROSS JOIN LATERAL (SELECT (CASE WHEN s.removed THEN 3 ELSE 1 END)::smallint AS kind) AS k
-CROSS JOIN LATERAL (SELECT {version_bytes}(s.modified_at, k.kind, nullif(s.org, 0), s.posted_at) AS version) AS v
-ORDER BY s.id
-ON CONFLICT (mention_id) DO UPDATE SET
-    version               = greatest(m.version, EXCLUDED.version),
-    transaction_timestamp = CASE WHEN EXCLUDED.version > m.version
-                                 THEN EXCLUDED.transaction_timestamp ELSE m.transaction_timestamp END,
-    change_kind           = CASE WHEN EXCLUDED.version > m.version THEN EXCLUDED.change_kind ELSE m.change_kind END,
-    deleted               = CASE WHEN EXCLUDED.version > m.version THEN EXCLUDED.deleted ELSE m.deleted END,
-    organization_id       = CASE WHEN EXCLUDED.organization_version > m.organization_version
-                                 THEN EXCLUDED.organization_id ELSE m.organization_id END,
-    organization_version  = greatest(m.organization_version, EXCLUDED.organization_version),
-    mention_date          = CASE WHEN EXCLUDED.mention_date_version > m.mention_date_version
-                                 THEN EXCLUDED.mention_date ELSE m.mention_date END,
-    mention_date_version  = greatest(m.mention_date_version, EXCLUDED.mention_date_version),
-    previous_organization_id = m.organization_id,
-    updated_at            = now()
-WHERE (EXCLUDED.version > m.version AND EXCLUDED.deleted <> m.deleted)
-   OR (EXCLUDED.organization_version > m.organization_version AND EXCLUDED.organization_id <> m.organization_id)
-   OR (EXCLUDED.mention_date_version > m.mention_date_version AND EXCLUDED.mention_date IS DISTINCT FROM m.mention_date)
-RETURNING 1
-)
-SELECT count(*) FROM written
+# The limit: the read model's guarded merge (the product's own statement, with the backfill's
+# condition), all rows in one statement, in SQL only.  The source's rows as its incoming relation:
+# a removed row is a Delete, any other an Insert, versions from the schema's version_bytes.
+_INCOMING = """
+(SELECT s.id AS mention_id, v.version, s.modified_at AS transaction_timestamp, k.kind AS change_kind,
+        nullif(s.org, 0) AS organization_id,
+        CASE WHEN nullif(s.org, 0) IS NULL THEN ''::bytea ELSE v.version END AS organization_version,
+        s.posted_at AS mention_date,
+        CASE WHEN s.posted_at IS NULL THEN ''::bytea ELSE v.version END AS mention_date_version
+ FROM {source} AS s
+ CROSS JOIN LATERAL (SELECT (CASE WHEN s.removed THEN 3 ELSE 1 END)::smallint AS kind) AS k
+ CROSS JOIN LATERAL (SELECT {version_bytes}(s.modified_at, k.kind, nullif(s.org, 0), s.posted_at) AS version) AS v
+) AS c
 """
 
 _SUMMARY = re.compile(r"read (\d+), inserted (\d+), updated (\d+), unchanged (\d+), .*; ([0-9,]+) rows/s in ([0-9.]+) s")
@@ -149,11 +129,11 @@ def migrate(settings: Any, schema: str) -> None:
 
 
 def in_sql(url: str, schema: str, source_schema: str) -> dict[str, Any]:
-    statement = sql.SQL(_IN_SQL).format(
-        mentions=sql.Identifier(schema, "mentions"),
-        source=sql.Identifier(source_schema, "posts"),
-        version_bytes=sql.Identifier(schema, "version_bytes"),
+    incoming = sql.SQL(_INCOMING).format(
+        source=sql.Identifier(source_schema, "posts"), version_bytes=sql.Identifier(schema, "version_bytes")
     )
+    merge = merge_statement(sql.Identifier(schema, "mentions"), incoming, only_changed_fields=True)
+    statement = sql.SQL("WITH written AS ({}) SELECT count(*) FROM written").format(merge)
     with psycopg.connect(url, autocommit=True) as conn:
         conn.execute("SELECT 1")
         started = time.perf_counter()
