@@ -3,6 +3,7 @@ caches behind the indexer's back (plain SQL, plain Redis commands), and read its
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable
 from datetime import datetime
 
@@ -19,17 +20,7 @@ SETTLE_S = 0.1  # differences are read again after this long (the command waits 
 
 
 def options(settings: Settings, query: str | None, *, orgs: Iterable[int] = (), settle_s: float = SETTLE_S) -> Options:
-    base = Options.from_settings(settings, query, orgs)
-    return Options(
-        database_url=base.database_url,
-        schema=base.schema,
-        source_url=base.source_url,
-        query=base.query,
-        organizations=base.organizations,
-        settle_s=settle_s,
-        retry_initial_s=base.retry_initial_s,
-        retry_max_s=base.retry_max_s,
-    )
+    return dataclasses.replace(Options.from_settings(settings, query, orgs), settle_s=settle_s)
 
 
 async def run_audit(settings: Settings, query: str | None, **kwargs: object) -> Report:
