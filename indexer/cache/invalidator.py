@@ -37,8 +37,8 @@ log = logging.getLogger(__name__)
 _ORGS_PER_PIPELINE = 500  # bounds the size of one round trip in invalidate_all
 # On a single server one script invalidates this many organizations: the client's cost per call
 # was most of an invalidation (bench/drain.py: 1.18 -> 0.71 s of invalidation in a 50,000-event
-# drain), and a bounded call
-# keeps one script from holding Redis for long when organizations have many keys.
+# drain), and a bounded call keeps one script from holding Redis for long when organizations
+# have many keys.
 _ORGS_PER_SCRIPT = 100
 
 

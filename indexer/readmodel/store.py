@@ -60,7 +60,7 @@ unnest(%s::bigint[], %s::bytea[], %s::timestamptz[], %s::smallint[],
 #   committed by a concurrent writer after it began, and that writer invalidates it;
 # * ``settled``: the outbox rows of earlier batches whose invalidations are done (``settled``);
 # * ``owed``: this batch's outbox row, committed with it (``outbox``): what the caches are owed
-#   survives a death right after the commit.  The same organizations as ``ApplyResult``'s.
+#   survives a death right after the commit.  ``ApplyResult.organizations`` is read from it.
 _APPLY = """
 WITH written AS ({merge}),
 stored AS (
@@ -78,11 +78,11 @@ owed AS (
           UNION ALL SELECT previous_organization_id FROM result) AS t(o)
     WHERE o IS NOT NULL AND o <> {unknown}
     HAVING count(*) > 0
-    RETURNING id
+    RETURNING id, organizations
 )
-SELECT 'written', mention_id, version, organization_id, previous_organization_id FROM written
-UNION ALL SELECT 'stored', mention_id, version, organization_id, previous_organization_id FROM stored
-UNION ALL SELECT 'owed', id, NULL, NULL, NULL FROM owed
+SELECT 'written', mention_id, version, NULL::bigint[] FROM written
+UNION ALL SELECT 'stored', mention_id, version, NULL FROM stored
+UNION ALL SELECT 'owed', id, NULL, organizations FROM owed
 """
 # Settled rows wait for the next batch's statement this long at most, then go on their own.
 SETTLE_ALONE_AFTER_S = 1.0
@@ -149,7 +149,6 @@ class Store:
         if not writes:
             return ApplyResult(0, 0, frozenset())
         newest = {w.mention_id: w.version for w in writes}
-        organizations = touched_organizations(changes)
         async with self._lock:
             settling = list(self._unsettled)
             params = (
@@ -163,7 +162,7 @@ class Store:
                 arrays.byteas([w.mention_date_version for w in writes]),
                 arrays.bigints(newest),
                 arrays.bigints(settling),
-                arrays.bigints(organizations),
+                arrays.bigints(touched_organizations(changes)),
             )
             try:
                 async with self._session() as conn:
@@ -176,18 +175,16 @@ class Store:
         row_versions: dict[int, bytes] = {}
         unwritten = set(newest)
         outbox_ids: list[int] = []
-        for source, row_id, version, organization_id, previous_organization_id in rows:
+        organizations: frozenset[int] = frozenset()
+        for source, row_id, version, owed in rows:
             if source == "owed":
                 outbox_ids.append(row_id)
+                organizations = frozenset(owed)
                 continue
             if source == "written":
                 unwritten.discard(row_id)
             row_versions[row_id] = version
-            organizations.add(organization_id)
-            if previous_organization_id is not None:
-                organizations.add(previous_organization_id)
-        organizations.discard(UNKNOWN_ORGANIZATION)
-        result = _classified(changes, newest, row_versions, unwritten, frozenset(organizations))
+        result = _classified(changes, newest, row_versions, unwritten, organizations)
         return dataclasses.replace(result, outbox_ids=tuple(outbox_ids))
 
     async def settled(self, outbox_ids: Sequence[int]) -> None:
